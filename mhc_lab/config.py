@@ -1,0 +1,215 @@
+"""Typed, validated configuration: one pydantic model per section of an experiment file.
+
+Every field carries a description; unknown keys are rejected. The JSON Schema published in
+`mhc_lab/schema/experiment.schema.json` is generated from these classes (`mhc-lab schema`).
+Loading a file and turning errors into one-line messages lives in `experiment_file.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Connection = Literal["residual", "hc", "mhc"]
+CONNECTIONS: tuple[str, ...] = ("residual", "hc", "mhc")
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    """Where the training bytes come from (byte-level, vocabulary 256)."""
+
+    source: Literal["stdlib"] = Field(
+        "stdlib",
+        description="Built-in corpus: the Python standard library's own source files, read in "
+        "sorted order (no download). Ignored when `path` is set.",
+    )
+    path: Optional[str] = Field(
+        None,
+        description="A file, folder or glob of files to read as bytes instead of the built-in "
+        "corpus. Relative paths are relative to the experiment file.",
+    )
+    max_bytes: int = Field(
+        4_000_000, ge=10_000, description="Read at most this many bytes of the corpus."
+    )
+    val_fraction: float = Field(
+        0.1,
+        gt=0.0,
+        lt=0.5,
+        description="The last fraction of the corpus is held out for validation and the probe.",
+    )
+
+
+class ModelConfig(Section):
+    """The decoder-only byte-level transformer and its residual path (DESIGN.md section 2)."""
+
+    d_model: int = Field(64, ge=8, le=8192, description="Width C of each residual stream.")
+    heads: int = Field(4, ge=1, description="Attention heads; must divide d_model.")
+    depth: int = Field(
+        12, ge=1, le=512, description="Transformer blocks; each is two layers (attention, MLP)."
+    )
+    mlp_ratio: int = Field(4, ge=1, le=16, description="MLP hidden width = mlp_ratio * d_model.")
+    connection: Connection = Field(
+        "mhc", description="Residual path: `residual` (x + F(x)), `hc` or `mhc`."
+    )
+    n_streams: int = Field(
+        4,
+        ge=1,
+        le=8,
+        description="Expansion rate n of HC and mHC (forced to 1 for `residual`).",
+    )
+    hc_dynamic: bool = Field(
+        True, description="HC only: dynamic (input-dependent) coefficients; false = static HC."
+    )
+    hc_tanh: bool = Field(True, description="HC only: tanh on the dynamic terms (HC paper).")
+    sinkhorn_iters: int = Field(
+        20,
+        ge=0,
+        le=1000,
+        description="mHC only: Sinkhorn-Knopp iterations t_max (paper: 20); 0 = unconstrained "
+        "exp(logits), the ablation.",
+    )
+    mhc_init_logit: float = Field(
+        4.0,
+        ge=0.0,
+        le=20.0,
+        description="mHC only: strength s of the bias initialisation. b_res = -s off the "
+        "diagonal and 0 on it (after Sinkhorn the diagonal is e^s / (e^s + n - 1), 0.948 for "
+        "s = 4, n = 4); b_pre = +s for stream k mod n and -s for the others; b_post = 0 "
+        "(H_post = 1).",
+    )
+    norm_eps: float = Field(1e-6, gt=0.0, lt=1.0, description="RMSNorm epsilon (all norms).")
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> "ModelConfig":
+        if self.d_model % self.heads != 0:
+            raise ValueError(
+                f"heads ({self.heads}) must divide d_model ({self.d_model})"
+            )
+        if self.connection == "residual" and self.n_streams != 1:
+            object.__setattr__(self, "n_streams", 1)
+        return self
+
+    @property
+    def layers(self) -> int:
+        """Number of layers L (sublayers): two per block, as the mHC paper counts them."""
+        return 2 * self.depth
+
+
+class TrainConfig(Section):
+    """Optimisation: AdamW with warmup and a decay schedule."""
+
+    steps: int = Field(300, ge=1, description="Optimiser steps.")
+    batch_size: int = Field(16, ge=1, description="Sequences per step.")
+    seq_len: int = Field(128, ge=2, le=65536, description="Tokens (bytes) per sequence.")
+    lr: float = Field(3e-3, gt=0.0, le=10.0, description="Peak learning rate.")
+    warmup: int = Field(20, ge=0, description="Linear warmup steps.")
+    schedule: Literal["cosine", "step", "constant"] = Field(
+        "cosine",
+        description="After warmup: `cosine` to min_lr_ratio * lr; `step` = the mHC paper's "
+        "x0.316 at 80% and x0.1 at 90% of steps; `constant`.",
+    )
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Cosine floor as a fraction of lr.")
+    weight_decay: float = Field(
+        0.1,
+        ge=0.0,
+        description="AdamW weight decay on matrices; static HC/mHC parameters, biases, gates "
+        "and norms get none.",
+    )
+    beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW beta1.")
+    beta2: float = Field(0.95, ge=0.0, lt=1.0, description="AdamW beta2.")
+    grad_clip: Optional[float] = Field(
+        None, gt=0.0, description="Clip the global gradient norm to this value; null = off. "
+        "The logged gradient norm is always the one before clipping."
+    )
+    diverge_factor: Optional[float] = Field(
+        2.0,
+        gt=1.0,
+        description="Stop the run as `diverged` when the training loss exceeds this multiple "
+        "of its first value; null = only non-finite loss or gradient counts.",
+    )
+    log_every: int = Field(1, ge=1, description="Write a metrics line every N steps.")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="`auto` picks CUDA, then MPS, then CPU."
+    )
+    threads: Optional[int] = Field(
+        None, ge=1, description="CPU threads for torch; null = all cores of this machine."
+    )
+    compile: bool = Field(False, description="Wrap the model in torch.compile.")
+    autocast_bf16: bool = Field(
+        False, description="bf16 autocast on CUDA (ignored on CPU); the gain is always float64."
+    )
+
+    @model_validator(mode="after")
+    def _check_warmup(self) -> "TrainConfig":
+        if self.warmup >= self.steps and self.steps > 1:
+            raise ValueError(f"warmup ({self.warmup}) must be smaller than steps ({self.steps})")
+        return self
+
+
+class ProbeConfig(Section):
+    """The gain probe: a fixed held-out sequence, the same tokens at every probe."""
+
+    every: int = Field(25, ge=1, description="Probe every N steps (step 0 and the last step always).")
+    val_batches: int = Field(
+        4, ge=1, description="Validation batches (of train.batch_size) for val_loss at each probe."
+    )
+    checkpoint: bool = Field(
+        True,
+        description="Save a resumable checkpoint at each probe (deleted when the run ends).",
+    )
+
+
+class SweepConfig(Section):
+    """Which runs to make from the base config: a grid, a list of points, or both."""
+
+    grid: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description="Cartesian product over dotted keys, e.g. `model.depth: [6, 12]`.",
+    )
+    points: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Explicit override sets, e.g. `[{model.connection: hc, train.lr: 0.01}]`. "
+        "With a grid, every point is combined with every grid cell.",
+    )
+
+
+class RunConfig(Section):
+    """Everything one training run needs: the fully resolved config stored beside its results."""
+
+    seed: int = Field(0, ge=0, description="Seeds initialisation and data order.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
+
+
+class ExperimentConfig(RunConfig):
+    """An experiment file: a named base run config and a sweep over it."""
+
+    name: str = Field(
+        ...,
+        min_length=1,
+        max_length=100,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="Results go to <out>/<name>/. Letters, digits, '.', '_', '-'.",
+    )
+    description: str = Field("", description="Free text, copied into the report.")
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+
+    def base_run(self) -> dict[str, Any]:
+        """The base run config as a plain dict (without name, description and sweep)."""
+        return self.model_dump(exclude={"name", "description", "sweep"})
+
+
+# Fields that do not change a run of the given connection; left out of its run_id hash.
+IRRELEVANT_MODEL_FIELDS: dict[str, set[str]] = {
+    "residual": {"n_streams", "hc_dynamic", "hc_tanh", "sinkhorn_iters", "mhc_init_logit"},
+    "hc": {"sinkhorn_iters", "mhc_init_logit"},
+    "mhc": {"hc_dynamic", "hc_tanh"},
+}

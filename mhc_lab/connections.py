@@ -1,0 +1,226 @@
+"""The three residual paths between layers: plain residual, HC and mHC.
+
+Legend: B = batch, T = tokens, n = residual streams (expansion rate), C = d_model.
+
+All three share one interface, so the model never branches on the variant: the hidden state
+is always a tensor x of shape (B, T, n, C) (n = 1 for the plain residual), and
+
+    x_next, h_res = connection(x, sublayer)
+
+implements the general update of both papers (DESIGN.md section 2):
+
+    x_{l+1} = H_res_l @ x_l  +  H_post_l^T * F(H_pre_l @ x_l)
+
+with every coefficient computed per token. `h_res` is (B, T, n, n), or None for the plain
+residual (whose H_res is the constant 1x1 identity).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .sinkhorn import sinkhorn_knopp
+
+Sublayer = Callable[[torch.Tensor], torch.Tensor]
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dimension, with a learnable weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def mix_streams(
+    x: torch.Tensor,
+    h_pre: torch.Tensor,
+    h_post: torch.Tensor,
+    h_res: torch.Tensor,
+    sublayer: Sublayer,
+) -> torch.Tensor:
+    """The general update x' = H_res x + H_post^T F(H_pre x), per token.
+
+    x: (B, T, n, C); h_pre, h_post: (B, T, n); h_res: (B, T, n, n).
+    """
+    layer_in = torch.einsum("btn,btnc->btc", h_pre, x)  # (B, T, C): H_pre @ x
+    layer_out = sublayer(layer_in)  # (B, T, C): F(...)
+    mixed = torch.matmul(h_res, x)  # (B, T, n, C): H_res @ x
+    return mixed + h_post.unsqueeze(-1) * layer_out.unsqueeze(-2)  # + H_post^T F
+
+
+class ResidualConnection(nn.Module):
+    """Plain pre-norm residual: x + F(x) (n = 1, H_res = H_pre = H_post = 1)."""
+
+    def forward(self, x: torch.Tensor, sublayer: Sublayer) -> tuple[torch.Tensor, None]:
+        return x + sublayer(x.squeeze(-2)).unsqueeze(-2), None  # (B, T, 1, C)
+
+
+class HyperConnection(nn.Module):
+    """Hyper-Connections (Zhu et al., arXiv 2409.19606), dynamic variant by default.
+
+    Per token, with Hbar = RMSNorm(x) applied to each stream row (DESIGN.md section 2, HC):
+
+        H_post^T = s_beta  * tanh(Hbar @ W_beta) + B       (W_beta: C x 1, B: 1 x n)
+        H_pre^T  = s_alpha * tanh(Hbar @ W_m)    + A_m     (W_m: C x 1,    A_m: n x 1)
+        H_res^T  = s_alpha * tanh(Hbar @ W_r)    + A_r     (W_r: C x n,    A_r: n x n)
+
+    Initialisation for layer k: W_* = 0, B = 1, A_m = e_(k mod n), A_r = I,
+    s_alpha = s_beta = 0.01, so HC at step 0 equals the pre-norm residual model. Static HC
+    (`dynamic=False`) keeps only B, A_m, A_r; `use_tanh=False` drops the tanh. Nothing bounds
+    H_res. The paper's norm is LayerNorm; we use RMSNorm, as the rest of the model does.
+    Parameter names: `static_*` are B, A_m, A_r (no weight decay), `dynamic_*` the W's.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_streams: int,
+        layer_index: int,
+        dynamic: bool = True,
+        use_tanh: bool = True,
+        eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        n = n_streams
+        self.dynamic = dynamic
+        self.use_tanh = use_tanh
+        a_m = torch.zeros(n, 1)
+        a_m[layer_index % n, 0] = 1.0
+        # A = [A_m | A_r]: row i holds stream i's read weight and its row of H_res^T.
+        self.static_alpha = nn.Parameter(torch.cat([a_m, torch.eye(n)], dim=1))  # (n, 1 + n)
+        self.static_beta = nn.Parameter(torch.ones(n))  # B: (n,)
+        if dynamic:
+            self.norm = RMSNorm(d_model, eps)
+            self.dynamic_alpha = nn.Parameter(torch.zeros(d_model, 1 + n))  # [W_m | W_r]
+            self.dynamic_beta = nn.Parameter(torch.zeros(d_model))  # W_beta
+            self.gate_alpha = nn.Parameter(torch.tensor(0.01))  # s_alpha
+            self.gate_beta = nn.Parameter(torch.tensor(0.01))  # s_beta
+
+    def coefficients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """H_pre (B, T, n), H_post (B, T, n), H_res (B, T, n, n) for x: (B, T, n, C)."""
+        alpha = self.static_alpha  # (n, 1 + n)
+        beta = self.static_beta  # (n,)
+        if self.dynamic:
+            h_bar = self.norm(x)  # (B, T, n, C)
+            d_alpha = h_bar @ self.dynamic_alpha  # (B, T, n, 1 + n)
+            d_beta = h_bar @ self.dynamic_beta  # (B, T, n)
+            if self.use_tanh:
+                d_alpha, d_beta = torch.tanh(d_alpha), torch.tanh(d_beta)
+            alpha = self.gate_alpha * d_alpha + alpha
+            beta = self.gate_beta * d_beta + beta
+        else:
+            alpha = alpha.expand(*x.shape[:2], *alpha.shape)  # (B, T, n, 1 + n)
+            beta = beta.expand(*x.shape[:3])  # (B, T, n)
+        h_pre = alpha[..., 0]  # (B, T, n): H_pre^T
+        h_res = alpha[..., 1:].transpose(-1, -2)  # (B, T, n, n): (H_res^T)^T
+        return h_pre, beta, h_res
+
+    def forward(self, x: torch.Tensor, sublayer: Sublayer) -> tuple[torch.Tensor, torch.Tensor]:
+        h_pre, h_post, h_res = self.coefficients(x)
+        return mix_streams(x, h_pre, h_post, h_res, sublayer), h_res
+
+
+class ManifoldHyperConnection(nn.Module):
+    """Manifold-Constrained Hyper-Connections (DeepSeek, arXiv 2512.24880).
+
+    Per token, with v = vec(x_l) of length nC (DESIGN.md section 2, mHC):
+
+        v'    = RMSNorm(v)
+        Hpre~ = a_pre * (v' @ phi_pre) + b_pre,   H_pre  = sigmoid(Hpre~)
+        Hpost~= a_post* (v' @ phi_post)+ b_post,  H_post = 2 * sigmoid(Hpost~)
+        Hres~ = a_res * mat(v' @ phi_res) + b_res, H_res = SinkhornKnopp(Hres~)
+
+    As in the paper's kernels, phi_pre | phi_post | phi_res are one (nC x (2n + n*n)) matrix,
+    the RMSNorm weight is folded into it and 1/rms(v) is applied after the matmul. Gates start
+    at 0.01 and phi at 0 (the paper does not say; zero makes the start input-independent, as
+    in HC). Bias initialisation (the paper does not give one), strength s = `init_logit`:
+    b_res = -s off the diagonal, 0 on it, so H_res starts near the identity (diagonal
+    e^s / (e^s + n - 1)); b_pre = +s for stream k mod n, -s elsewhere; b_post = 0.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_streams: int,
+        layer_index: int,
+        sinkhorn_iters: int = 20,
+        init_logit: float = 4.0,
+        eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        n = n_streams
+        self.n = n
+        self.sinkhorn_iters = sinkhorn_iters
+        self.eps = eps
+        self.norm_weight = nn.Parameter(torch.ones(n * d_model))  # RMSNorm weight over nC
+        self.dynamic_phi = nn.Parameter(torch.zeros(n * d_model, 2 * n + n * n))
+        self.gate_pre = nn.Parameter(torch.tensor(0.01))
+        self.gate_post = nn.Parameter(torch.tensor(0.01))
+        self.gate_res = nn.Parameter(torch.tensor(0.01))
+        b_pre = torch.full((n,), -init_logit)
+        b_pre[layer_index % n] = init_logit
+        self.bias_pre = nn.Parameter(b_pre)
+        self.bias_post = nn.Parameter(torch.zeros(n))
+        self.bias_res = nn.Parameter(-init_logit * (1.0 - torch.eye(n)))
+
+    def coefficients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """H_pre (B, T, n), H_post (B, T, n), H_res (B, T, n, n) for x: (B, T, n, C)."""
+        n = self.n
+        v = x.flatten(-2)  # (B, T, nC)
+        inv_rms = torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + self.eps)  # (B, T, 1)
+        phi = self.norm_weight.unsqueeze(-1) * self.dynamic_phi  # (nC, 2n + n*n)
+        proj = (v @ phi) * inv_rms  # (B, T, 2n + n*n) = RMSNorm(v) @ phi
+        pre, post, res = proj.split([n, n, n * n], dim=-1)
+        h_pre = torch.sigmoid(self.gate_pre * pre + self.bias_pre)  # (B, T, n)
+        h_post = 2.0 * torch.sigmoid(self.gate_post * post + self.bias_post)  # (B, T, n)
+        res_logits = self.gate_res * res.unflatten(-1, (n, n)) + self.bias_res  # (B, T, n, n)
+        h_res = sinkhorn_knopp(res_logits, self.sinkhorn_iters)
+        return h_pre, h_post, h_res
+
+    def forward(self, x: torch.Tensor, sublayer: Sublayer) -> tuple[torch.Tensor, torch.Tensor]:
+        h_pre, h_post, h_res = self.coefficients(x)
+        return mix_streams(x, h_pre, h_post, h_res, sublayer), h_res
+
+
+def build_connection(cfg: ModelConfig, layer_index: int) -> nn.Module:
+    """The connection of layer `layer_index` (0-based, counting sublayers) for this config."""
+    if cfg.connection == "residual":
+        return ResidualConnection()
+    if cfg.connection == "hc":
+        return HyperConnection(
+            cfg.d_model, cfg.n_streams, layer_index, cfg.hc_dynamic, cfg.hc_tanh, cfg.norm_eps
+        )
+    if cfg.connection == "mhc":
+        return ManifoldHyperConnection(
+            cfg.d_model,
+            cfg.n_streams,
+            layer_index,
+            cfg.sinkhorn_iters,
+            cfg.mhc_init_logit,
+            cfg.norm_eps,
+        )
+    raise ValueError(f"unknown connection {cfg.connection!r}")
+
+
+def is_decayed(name: str, param: nn.Parameter) -> bool:
+    """Weight decay goes to weight matrices only, never to static HC/mHC parts, biases,
+    gates or norms (HC paper: the static parts get no weight decay)."""
+    leaf = name.rsplit(".", 1)[-1]
+    return param.ndim >= 2 and not leaf.startswith(("static_", "bias_"))
+
+
+def optional_hres(h_res: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """H_res of a layer as (B, T, n, n); the plain residual's is the 1x1 identity."""
+    if h_res is not None:
+        return h_res
+    return torch.ones(*x.shape[:2], 1, 1, dtype=x.dtype, device=x.device)

@@ -1,0 +1,197 @@
+"""The model and its connections follow the papers' equations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mhc_lab.config import DataConfig
+from mhc_lab.data import load_corpus, training_batch
+from mhc_lab.gain import gain_metrics
+from mhc_lab.model import build_model
+
+from .conftest import tiny_model_config
+
+SEQ = 32
+
+
+def _tokens(batch: int = 2, seq: int = SEQ, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _copy_shared_weights(src, dst) -> None:
+    """Give dst the embeddings, sublayers and final norm of src (connections differ)."""
+    dst.token_embedding.load_state_dict(src.token_embedding.state_dict())
+    dst.position_embedding.load_state_dict(src.position_embedding.state_dict())
+    dst.sublayers.load_state_dict(src.sublayers.state_dict())
+    dst.final_norm.load_state_dict(src.final_norm.state_dict())
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_hc_at_init_equals_residual_model(n, dynamic):
+    # Streams are summed before the final RMSNorm, which removes the factor n exactly only
+    # when eps is negligible against the hidden state's mean square: use a tiny eps here.
+    eps = 1e-12
+    residual = build_model(tiny_model_config(connection="residual", norm_eps=eps), SEQ, seed=0)
+    hc = build_model(
+        tiny_model_config(connection="hc", n_streams=n, hc_dynamic=dynamic, norm_eps=eps), SEQ, seed=1
+    )
+    _copy_shared_weights(residual, hc)
+    idx = _tokens()
+    with torch.no_grad():
+        ref, _, _ = residual(idx)
+        out, _, _ = hc(idx)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_hc_differs_from_residual_once_trained_parameters_move():
+    residual = build_model(tiny_model_config(connection="residual"), SEQ, seed=0)
+    hc = build_model(tiny_model_config(connection="hc", n_streams=4), SEQ, seed=1)
+    _copy_shared_weights(residual, hc)
+    with torch.no_grad():
+        hc.connections[1].static_beta.mul_(1.5)
+        assert not torch.allclose(hc(_tokens())[0], residual(_tokens())[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("connection", ["hc", "mhc"])
+def test_hres_is_on_the_forward_path(connection):
+    """Changing only an H_res bias must change the output (the trap of DESIGN.md section 4)."""
+    model = build_model(tiny_model_config(connection=connection, n_streams=4), SEQ, seed=0)
+    idx = _tokens()
+    with torch.no_grad():
+        # At init every stream holds the same vector, which any row-stochastic H_res leaves
+        # unchanged; let layer 0 write different amounts into the streams first.
+        if connection == "mhc":
+            model.connections[0].bias_post.copy_(torch.tensor([6.0, -6.0, 6.0, -6.0]))
+        before, _, _ = model(idx)
+        conn = model.connections[2]
+        if connection == "hc":
+            conn.static_alpha[:, 1:].add_(torch.tensor([[0.0, 0.5, 0.0, 0.0]] * 4))
+        else:
+            conn.bias_res.copy_(10.0 * torch.eye(4)[[1, 2, 3, 0]])  # near a cyclic shift
+        after, _, _ = model(idx)
+    assert (before - after).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("connection", ["hc", "mhc"])
+def test_hres_parameters_get_gradients_and_move_on_real_data(connection):
+    corpus = load_corpus(DataConfig(max_bytes=200_000))
+    model = build_model(tiny_model_config(connection=connection, n_streams=4), SEQ, seed=0)
+    x, y = training_batch(corpus.train, 4, SEQ, seed=0, step=0)
+    names = ["static_alpha", "dynamic_alpha"] if connection == "hc" else ["bias_res", "dynamic_phi"]
+    params = {
+        f"{k}.{name}": getattr(conn, name) for k, conn in enumerate(model.connections) for name in names
+    }
+    before = {k: p.detach().clone() for k, p in params.items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    _, loss, _ = model(x, y)
+    loss.backward()
+    for key, p in params.items():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{key} has no gradient"
+    opt.step()
+    for key, p in params.items():
+        assert not torch.equal(p.detach(), before[key]), f"{key} did not move"
+    # The gates multiply zero-initialised projections, so their first gradient is zero by
+    # construction; from the second step on they learn too.
+    gate = "gate_alpha" if connection == "hc" else "gate_res"
+    opt.zero_grad()
+    model(x, y)[1].backward()
+    assert all(getattr(conn, gate).grad.abs() > 0 for conn in model.connections)
+    # H_res itself moves, not only its parameters. At init every stream holds the same
+    # vector, so the loss gradient w.r.t. H_res is constant along rows, which Sinkhorn
+    # projects away: mHC's H_res needs the streams to separate first (a few steps).
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(1, 6):
+        opt.zero_grad()
+        model(*training_batch(corpus.train, 4, SEQ, seed=0, step=step))[1].backward()
+        opt.step()
+    with torch.no_grad():
+        h_after = model(x, return_hres=True)[2]
+    fresh = build_model(tiny_model_config(connection=connection, n_streams=4), SEQ, seed=0)
+    with torch.no_grad():
+        h_before = fresh(x, return_hres=True)[2]
+    assert (h_after - h_before).abs().max() > 1e-4  # float32 noise is ~1e-7
+
+
+@pytest.mark.parametrize("connection,n", [("residual", 1), ("hc", 4), ("mhc", 4), ("mhc", 2)])
+def test_captured_hres_shape_and_per_token(connection, n):
+    cfg = tiny_model_config(connection=connection, n_streams=n)
+    model = build_model(cfg, SEQ, seed=0)
+    idx = _tokens(batch=2)
+    with torch.no_grad():
+        logits, _, h = model(idx, return_hres=True)
+        _, _, none = model(idx)
+    assert none is None
+    assert logits.shape == (2, SEQ, 256)
+    assert h.shape == (cfg.layers, 2 * SEQ, n, n)
+    if connection == "residual":
+        assert torch.equal(h, torch.ones_like(h))
+
+
+def test_mhc_hres_is_per_token_and_doubly_stochastic():
+    model = build_model(tiny_model_config(connection="mhc", n_streams=4), SEQ, seed=0)
+    with torch.no_grad():
+        for conn in model.connections:
+            conn.dynamic_phi.normal_(0, 1.0)
+            conn.gate_res.fill_(1.0)
+        _, _, h = model(_tokens(batch=1), return_hres=True)
+    assert not torch.allclose(h[3, 0], h[3, 1], atol=1e-4), "H_res must vary per token"
+    assert torch.allclose(h.sum(-1), torch.ones(h.shape[:-1]), atol=1e-5)
+    assert torch.allclose(h.sum(-2), torch.ones(h.shape[:-1]), atol=1e-2)
+    assert (h >= 0).all()
+
+
+def test_hc_hres_is_per_token_when_dynamic():
+    model = build_model(tiny_model_config(connection="hc", n_streams=4), SEQ, seed=0)
+    with torch.no_grad():
+        for conn in model.connections:
+            conn.dynamic_alpha.normal_(0, 1.0)
+        _, _, h = model(_tokens(batch=1), return_hres=True)
+    assert not torch.allclose(h[3, 0], h[3, 1], atol=1e-4)
+
+
+def test_mhc_initialisation_is_near_identity_and_reads_stream_k():
+    cfg = tiny_model_config(connection="mhc", n_streams=4, mhc_init_logit=4.0)
+    model = build_model(cfg, SEQ, seed=0)
+    x = torch.randn(1, 3, 4, cfg.d_model)
+    for k, conn in enumerate(model.connections):
+        h_pre, h_post, h_res = conn.coefficients(x)
+        diag = torch.exp(torch.tensor(4.0)) / (torch.exp(torch.tensor(4.0)) + 3)
+        assert torch.allclose(torch.diagonal(h_res, dim1=-2, dim2=-1), diag.expand(1, 3, 4), atol=1e-5)
+        assert h_pre[0, 0].argmax().item() == k % 4
+        assert h_pre[0, 0, k % 4] > 0.98
+        assert torch.allclose(h_post, torch.ones_like(h_post))
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_hc_composite_gain_is_exactly_one_at_init(n):
+    model = build_model(tiny_model_config(connection="hc", n_streams=n, depth=6), SEQ, seed=3)
+    with torch.no_grad():
+        _, _, h = model(_tokens(), return_hres=True)
+    head = gain_metrics(h)["headline"]
+    assert head["max_gain_fwd"] == 1.0 and head["max_gain_bwd"] == 1.0
+
+
+def test_weight_decay_groups_exclude_static_parts():
+    model = build_model(tiny_model_config(connection="hc", n_streams=4), SEQ, seed=0)
+    decay, no_decay = model.parameter_groups(0.1)
+    decayed = {id(p) for p in decay["params"]}
+    conn = model.connections[0]
+    assert id(conn.static_alpha) not in decayed and id(conn.static_beta) not in decayed
+    assert id(conn.dynamic_alpha) in decayed
+    assert id(model.sublayers[0].inner.qkv.weight) in decayed
+    assert id(model.sublayers[0].norm.weight) not in decayed
+    mhc = build_model(tiny_model_config(connection="mhc", n_streams=4), SEQ, seed=0)
+    decayed = {id(p) for p in mhc.parameter_groups(0.1)[0]["params"]}
+    assert id(mhc.connections[0].bias_res) not in decayed
+    assert id(mhc.connections[0].dynamic_phi) in decayed
+
+
+def test_initialisation_is_deterministic_from_seed():
+    a = build_model(tiny_model_config(connection="mhc"), SEQ, seed=7)
+    b = build_model(tiny_model_config(connection="mhc"), SEQ, seed=7)
+    c = build_model(tiny_model_config(connection="mhc"), SEQ, seed=8)
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    assert not torch.equal(a.token_embedding.weight, c.token_embedding.weight)
