@@ -1,0 +1,266 @@
+"""The results store: the on-disk format that `run` writes and `plot`, `report`, `ls` read.
+
+    <out>/<name>/experiment.yaml             the experiment file as given
+    <out>/<name>/resolved.yaml               the validated experiment after --set overrides
+    <out>/<name>/summary.csv                 one row per run (SUMMARY_COLUMNS)
+    <out>/<name>/runs/<run_id>/config.yaml   the fully resolved run config
+    <out>/<name>/runs/<run_id>/metrics.jsonl one JSON object per logged training step
+    <out>/<name>/runs/<run_id>/probes.jsonl  one JSON object per probe (gain metric, val_loss)
+    <out>/<name>/runs/<run_id>/hres.npz      H_res [layers, tokens, n, n] at the peak and last probe
+    <out>/<name>/runs/<run_id>/summary.json  the run's row plus environment and details
+    <out>/<name>/runs/<run_id>/checkpoint.pt while a run is unfinished (deleted at its end)
+
+Whole files are written atomically (temp file + rename); JSONL lines are appended and flushed.
+A run is finished exactly when its summary.json exists.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import io
+import json
+import math
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+from .errors import MhcLabError
+
+SUMMARY_COLUMNS: tuple[str, ...] = (
+    "run_id", "connection", "depth", "layers", "d_model", "n_streams", "sinkhorn_iters",
+    "lr", "seed", "n_params", "status", "steps_done", "final_loss", "final_val_loss",
+    "max_gain_fwd", "max_gain_bwd", "max_gain_step", "max_gain_layer",
+    "max_gain_fwd_inf", "max_gain_bwd_inf", "diverged_step", "wall_s", "tokens_per_s",
+)
+FINISHED = ("completed", "diverged", "failed")
+
+
+class StoreError(MhcLabError):
+    """A results folder that is missing, malformed or in use."""
+
+
+def _file_mode() -> int:
+    """The mode a plain open() would give a new file under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, _file_mode())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def to_json(obj: Any) -> str:
+    """JSON with non-finite floats written as null-free strings (`"inf"`, `"nan"`)."""
+    return json.dumps(_finite(obj), separators=(",", ":"))
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)  # "inf", "-inf", "nan": valid JSON, read back by `as_float`
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def as_float(value: Any) -> float:
+    """Read back a number written by `to_json` (or a CSV cell); None/'' -> nan."""
+    if value is None or value == "":
+        return float("nan")
+    return float(value)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """All complete lines of a JSONL file; a torn last line (a killed writer) is ignored."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
+
+
+class JsonlWriter:
+    """Appends one JSON object per line and flushes it, so a crash loses at most a line."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._file.write(to_json(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def truncate_jsonl(path: Path, max_step: int) -> None:
+    """Keep only the complete lines with step < max_step (used when resuming at max_step)."""
+    kept = [r for r in read_jsonl(path) if r.get("step", 0) < max_step]
+    atomic_write_text(path, "".join(to_json(r) + "\n" for r in kept))
+
+
+class RunFiles:
+    """The files of one run: `<experiment>/runs/<run_id>/`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.config = root / "config.yaml"
+        self.metrics = root / "metrics.jsonl"
+        self.probes = root / "probes.jsonl"
+        self.hres = root / "hres.npz"
+        self.summary = root / "summary.json"
+        self.checkpoint = root / "checkpoint.pt"
+        self.error = root / "error.txt"
+
+    @property
+    def run_id(self) -> str:
+        return self.root.name
+
+    def read_summary(self) -> Optional[dict]:
+        if not self.summary.exists():
+            return None
+        return json.loads(self.summary.read_text(encoding="utf-8"))
+
+    def write_summary(self, summary: dict) -> None:
+        atomic_write_text(self.summary, json.dumps(_finite(summary), indent=2) + "\n")
+
+    def save_hres(self, peak: np.ndarray, peak_step: int, final: np.ndarray, final_step: int) -> None:
+        buf = io.BytesIO()
+        np.savez_compressed(
+            buf, peak=peak, final=final, peak_step=np.int64(peak_step), final_step=np.int64(final_step)
+        )
+        atomic_write_bytes(self.hres, buf.getvalue())
+
+    def load_hres(self) -> dict[str, np.ndarray]:
+        with np.load(self.hres) as data:
+            return {k: data[k] for k in data.files}
+
+
+class ExperimentStore:
+    """One experiment's results folder, `<out>/<name>/`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.runs_dir = self.root / "runs"
+        self.summary_csv = self.root / "summary.csv"
+        self.experiment_yaml = self.root / "experiment.yaml"
+        self.resolved_yaml = self.root / "resolved.yaml"
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    def exists(self) -> bool:
+        return self.experiment_yaml.exists()
+
+    def run(self, run_id: str) -> RunFiles:
+        return RunFiles(self.runs_dir / run_id)
+
+    def run_ids(self) -> list[str]:
+        if not self.runs_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.runs_dir.iterdir() if p.is_dir())
+
+    def summaries(self) -> list[dict]:
+        """Every finished run's summary.json, in summary.csv order when it exists."""
+        order = [row["run_id"] for row in self.read_summary_csv()] if self.summary_csv.exists() else []
+        found = {rid: s for rid in self.run_ids() if (s := self.run(rid).read_summary())}
+        ordered = [found.pop(rid) for rid in order if rid in found]
+        return ordered + [found[rid] for rid in sorted(found)]
+
+    def write_summary_csv(self, run_ids: list[str]) -> None:
+        """summary.csv from the finished runs among `run_ids`, in that order."""
+        rows = [s for rid in run_ids if (s := self.run(rid).read_summary())]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _csv_cell(row.get(k)) for k in SUMMARY_COLUMNS})
+        atomic_write_text(self.summary_csv, buf.getvalue())
+
+    def read_summary_csv(self) -> list[dict]:
+        with open(self.summary_csv, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+
+
+@contextmanager
+def exclusive_lock(lock_path: Path, folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_path`; a second holder refuses at once (StoreError)."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(lock_path, "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise StoreError(
+            f"{folder}: another `mhc-lab run` is using this results folder; wait for it to "
+            "finish or choose another --out"
+        ) from None
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def _csv_cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else str(value)
+    return value
+
+
+def open_results(path: Path | str) -> ExperimentStore:
+    """An existing experiment results folder, or StoreError with one clear line."""
+    store = ExperimentStore(Path(path))
+    if not store.root.is_dir():
+        raise StoreError(f"{store.root}: no such results folder")
+    if not store.exists() or not store.runs_dir.is_dir():
+        raise StoreError(
+            f"{store.root}: not an mhc-lab results folder (no experiment.yaml and runs/); "
+            "give a folder written by `mhc-lab run`, e.g. results/smoke"
+        )
+    return store
+
+
+def list_experiments(out: Path | str) -> list[ExperimentStore]:
+    """The experiment folders directly under `out`, most recently written first."""
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    stores = [ExperimentStore(p) for p in out.iterdir() if p.is_dir() and (p / "experiment.yaml").exists()]
+    return sorted(stores, key=lambda s: _latest_mtime(s), reverse=True)
+
+
+def _latest_mtime(store: ExperimentStore) -> float:
+    candidates = [store.experiment_yaml, store.summary_csv]
+    return max((p.stat().st_mtime for p in candidates if p.exists()), default=0.0)

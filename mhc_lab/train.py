@@ -1,0 +1,334 @@
+"""One training run: data, model, AdamW loop, gain probes, checkpoints, divergence.
+
+Step convention: `step` s counts optimiser updates already applied. The metrics line of step
+s holds the loss of the model after s updates on batch s (then update s+1 is applied); the
+probe of step s measures that same model, so probes run at s = 0, every, 2*every, ... and at
+s = steps (after the last update). Batches depend only on (seed, step), and a checkpoint is
+saved at every probe, so an interrupted run resumes to the same numbers.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from . import __version__
+from .config import RunConfig
+from .data import Corpus, load_corpus, probe_sequence, training_batch, validation_batches
+from .gain import gain_metrics
+from .model import LanguageModel, build_model
+from .schedule import learning_rate
+from .store import JsonlWriter, RunFiles, atomic_write_bytes, truncate_jsonl
+
+ProgressCallback = Callable[[dict], None]
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto`: CUDA, then MPS, then CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def environment(device: torch.device, corpus: Corpus) -> dict:
+    """What produced a result: versions, device, threads, and the exact data."""
+    return {
+        "mhc_lab": __version__,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "corpus": corpus.description,
+        "corpus_sha256": corpus.fingerprint,
+        "corpus_bytes": corpus.n_bytes,
+        "corpus_files": corpus.n_files,
+    }
+
+
+@dataclass
+class PeakTracker:
+    """The probe with the largest composite gain so far, and its H_res."""
+
+    gain: float = -1.0
+    step: int = 0
+    layer: int = 0
+    hres: Optional[torch.Tensor] = None
+    fwd: float = float("nan")
+    bwd: float = float("nan")
+    fwd_inf: float = float("nan")
+    bwd_inf: float = float("nan")
+
+    def update(self, step: int, headline: dict, hres: torch.Tensor) -> None:
+        self.fwd_inf = max(headline["max_gain_fwd_inf"], _nan_to(self.fwd_inf, -1.0))
+        self.bwd_inf = max(headline["max_gain_bwd_inf"], _nan_to(self.bwd_inf, -1.0))
+        self.fwd = max(headline["max_gain_fwd"], _nan_to(self.fwd, -1.0))
+        self.bwd = max(headline["max_gain_bwd"], _nan_to(self.bwd, -1.0))
+        if headline["max_gain"] > self.gain:
+            self.gain, self.step, self.layer = headline["max_gain"], step, headline["max_gain_layer"]
+            self.hres = hres
+
+    def state(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _nan_to(x: float, default: float) -> float:
+    return default if math.isnan(x) else x
+
+
+@dataclass
+class RunState:
+    """Everything a checkpoint must restore beyond model and optimiser."""
+
+    step: int = 0
+    first_loss: Optional[float] = None
+    wall_s: float = 0.0
+    tokens: int = 0
+    train_s: float = 0.0
+    peak: PeakTracker = field(default_factory=PeakTracker)
+    last_loss: float = float("nan")
+    last_val_loss: float = float("nan")
+
+
+def hres_statistics(hres: torch.Tensor) -> dict:
+    """Per layer: mean Frobenius distance of H_res from I, and worst |row/column sum - 1|.
+
+    A flat mHC gain of 1 can hide an H_res that never left the identity (DESIGN.md section
+    4); `identity_dist` shows whether it moved, the sum errors how far Sinkhorn is from exact.
+    """
+    h = hres.detach().to(torch.float64)  # (L, T, n, n)
+    eye = torch.eye(h.shape[-1], dtype=h.dtype)
+    return {
+        "identity_dist": torch.linalg.matrix_norm(h - eye).mean(dim=1).tolist(),
+        "row_sum_err": (h.sum(-1) - 1).abs().amax(dim=(1, 2)).tolist(),
+        "col_sum_err": (h.sum(-2) - 1).abs().amax(dim=(1, 2)).tolist(),
+    }
+
+
+class Trainer:
+    """Trains one run and writes its files; `run()` returns the summary dict."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        files: RunFiles,
+        base_dir: Optional[Path] = None,
+        progress: Optional[ProgressCallback] = None,
+    ) -> None:
+        self.cfg = cfg
+        self.files = files
+        self.progress = progress or (lambda event: None)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.device = pick_device(cfg.train.device)
+        self.corpus = load_corpus(cfg.data, base_dir)
+        self.model: LanguageModel = build_model(cfg.model, cfg.train.seq_len, cfg.seed).to(self.device)
+        self.forward = torch.compile(self.model) if cfg.train.compile else self.model
+        t = cfg.train
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameter_groups(t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2)
+        )
+        self.probe_x, self.probe_y = (z.to(self.device) for z in probe_sequence(self.corpus.val, t.seq_len))
+        self.val = [
+            (x.to(self.device), y.to(self.device))
+            for x, y in validation_batches(self.corpus.val, t.batch_size, t.seq_len, cfg.probe.val_batches)
+        ]
+        self.state = RunState()
+        self.last_probe: tuple[int, torch.Tensor] = (0, torch.empty(0))
+
+    # -- checkpoints -------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        payload = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "state": {**self.state.__dict__, "peak": self.state.peak.state()},
+        }
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        atomic_write_bytes(self.files.checkpoint, buf.getvalue())
+
+    def load_checkpoint(self) -> bool:
+        """Restore from checkpoint.pt if present; drop log lines written after it."""
+        if not self.files.checkpoint.exists():
+            return False
+        payload = torch.load(self.files.checkpoint, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        state = dict(payload["state"])
+        peak = PeakTracker(**state.pop("peak"))
+        self.state = RunState(**state, peak=peak)
+        truncate_jsonl(self.files.metrics, self.state.step)
+        truncate_jsonl(self.files.probes, self.state.step)
+        return True
+
+    # -- measurements ------------------------------------------------------------------
+
+    def _autocast(self):
+        enabled = self.cfg.train.autocast_bf16 and self.device.type == "cuda"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    @torch.no_grad()
+    def probe(self, step: int, writer: JsonlWriter) -> dict:
+        """Validation loss and the gain metric on the fixed probe sequence (eval mode)."""
+        self.model.eval()
+        with self._autocast():
+            val_loss = sum(self.model(x, y)[1].item() for x, y in self.val) / len(self.val)
+            _, _, hres = self.model(self.probe_x, return_hres=True)  # (L, T, n, n)
+        self.model.train()
+        hres = hres.float().cpu()
+        metrics = gain_metrics(hres)
+        self.state.peak.update(step, metrics["headline"], hres)
+        self.last_probe = (step, hres)
+        self.state.last_val_loss = val_loss
+        record = {"step": step, "val_loss": val_loss, **metrics, "hres": hres_statistics(hres)}
+        writer.write(record)
+        return record
+
+    def train_step(self, step: int) -> tuple[float, float, float]:
+        """One update on batch `step`: returns (loss, pre-clip gradient norm, seconds)."""
+        t = self.cfg.train
+        lr = learning_rate(t, step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x, y = (z.to(self.device) for z in training_batch(self.corpus.train, t.batch_size, t.seq_len, self.cfg.seed, step))
+        start = time.perf_counter()
+        with self._autocast():
+            _, loss, _ = self.forward(x, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        max_norm = t.grad_clip if t.grad_clip is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+        loss_value = loss.item()
+        if math.isfinite(loss_value) and math.isfinite(grad_norm):
+            self.optimizer.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return loss_value, grad_norm, time.perf_counter() - start
+
+    def divergence(self, loss: float, grad_norm: float) -> Optional[str]:
+        """Why the run has diverged at this step, or None."""
+        if not math.isfinite(loss):
+            return f"non-finite loss ({loss})"
+        if not math.isfinite(grad_norm):
+            return f"non-finite gradient norm ({grad_norm})"
+        factor = self.cfg.train.diverge_factor
+        if factor is not None and self.state.first_loss is not None and loss > factor * self.state.first_loss:
+            return f"loss {loss:.3f} exceeds {factor} x its first value {self.state.first_loss:.3f}"
+        return None
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def run(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        self.load_checkpoint()
+        metrics = JsonlWriter(self.files.metrics)
+        probes = JsonlWriter(self.files.probes)
+        status, reason, diverged_step = "completed", None, None
+        session_start = time.perf_counter()
+        wall_before = self.state.wall_s
+        try:
+            step = self.state.step
+            while True:
+                if step % cfg.probe.every == 0 or step == t.steps:
+                    record = self.probe(step, probes)
+                    self.progress({"event": "probe", "step": step, "val_loss": record["val_loss"],
+                                   "gain": record["headline"]["max_gain"], "peak": self.state.peak.gain})
+                    if cfg.probe.checkpoint and step < t.steps:
+                        self.state.step = step
+                        self.state.wall_s = wall_before + time.perf_counter() - session_start
+                        self.save_checkpoint()
+                if step == t.steps:
+                    break
+                loss, grad_norm, seconds = self.train_step(step)
+                if self.state.first_loss is None:
+                    self.state.first_loss = loss
+                self.state.tokens += t.batch_size * t.seq_len
+                self.state.train_s += seconds
+                self.state.last_loss = loss
+                if step % t.log_every == 0 or step == t.steps - 1:
+                    metrics.write({
+                        "step": step, "loss": loss, "grad_norm": grad_norm,
+                        "lr": learning_rate(t, step),
+                        "tokens_per_s": t.batch_size * t.seq_len / max(seconds, 1e-9),
+                    })
+                self.progress({"event": "step", "step": step, "loss": loss, "grad_norm": grad_norm})
+                reason = self.divergence(loss, grad_norm)
+                if reason is not None:
+                    status, diverged_step = "diverged", step
+                    if all(torch.isfinite(p).all() for p in self.model.parameters()):
+                        self.probe(step + 1, probes)  # the surge as measured; weights are finite
+                    break
+                step += 1
+        finally:
+            metrics.close()
+            probes.close()
+        self.state.wall_s = wall_before + time.perf_counter() - session_start
+        steps_done = diverged_step + 1 if diverged_step is not None else t.steps
+        return self._finish(status, reason, diverged_step, steps_done)
+
+    def _finish(self, status: str, reason: Optional[str], diverged_step: Optional[int], steps_done: int) -> dict:
+        """Save hres.npz and return the run's summary row (plus environment and reason)."""
+        peak = self.state.peak
+        last_step, last_hres = self.last_probe
+        self.files.save_hres(peak.hres.numpy(), peak.step, last_hres.numpy(), last_step)
+        return {
+            **config_columns(self.files.run_id, self.cfg),
+            "n_params": self.model.n_params(),
+            "status": status,
+            "steps_done": steps_done,
+            "final_loss": self.state.last_loss,
+            "final_val_loss": self.state.last_val_loss,
+            "max_gain_fwd": peak.fwd,
+            "max_gain_bwd": peak.bwd,
+            "max_gain_step": peak.step,
+            "max_gain_layer": peak.layer,
+            "max_gain_fwd_inf": peak.fwd_inf,
+            "max_gain_bwd_inf": peak.bwd_inf,
+            "diverged_step": diverged_step,
+            "reason": reason,
+            "wall_s": round(self.state.wall_s, 3),
+            "tokens_per_s": round(self.state.tokens / max(self.state.train_s, 1e-9), 1),
+            "environment": environment(self.device, self.corpus),
+        }
+
+
+def config_columns(run_id: str, cfg: RunConfig) -> dict:
+    """The summary columns that come from the config alone."""
+    m = cfg.model
+    return {
+        "run_id": run_id,
+        "connection": m.connection,
+        "depth": m.depth,
+        "layers": m.layers,
+        "d_model": m.d_model,
+        "n_streams": m.n_streams,
+        "sinkhorn_iters": m.sinkhorn_iters if m.connection == "mhc" else None,
+        "lr": cfg.train.lr,
+        "seed": cfg.seed,
+    }
+
+
+def train_run(
+    cfg: RunConfig,
+    files: RunFiles,
+    base_dir: Optional[Path] = None,
+    progress: Optional[ProgressCallback] = None,
+) -> dict:
+    """Train one run into `files` and return its summary (status completed or diverged)."""
+    return Trainer(cfg, files, base_dir, progress).run()
+
+
