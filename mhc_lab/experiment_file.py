@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 from .config import ExperimentConfig, RunConfig
 from .data import user_files
 from .errors import MhcLabError
-from .sweep import PlannedRun, expand, set_dotted
+from .sweep import PlannedRun, expand
 
 
 class ConfigError(MhcLabError):
@@ -79,6 +79,8 @@ def _apply_override(path: Path, data: dict, item: str) -> None:
         raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML") from None
     node = data
     parts = key.split(".")
+    if parts[:2] == ["sweep", "grid"] and len(parts) > 3:  # grid keys are dotted themselves
+        parts = ["sweep", "grid", ".".join(parts[2:])]
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
@@ -221,4 +223,3 @@ def dump_resolved(exp: Experiment) -> str:
     return yaml.safe_dump(exp.config.model_dump(mode="json"), sort_keys=False)
 
 
-__all__ = ["ConfigError", "Experiment", "load_experiment", "dump_resolved", "set_dotted"]
