@@ -213,3 +213,26 @@ IRRELEVANT_MODEL_FIELDS: dict[str, set[str]] = {
     "hc": {"sinkhorn_iters", "mhc_init_logit"},
     "mhc": {"hc_dynamic", "hc_tanh"},
 }
+
+
+def reference_markdown() -> str:
+    """The experiment-file reference as Markdown tables (README.md embeds this verbatim)."""
+    sections = [
+        ("top level", ExperimentConfig, ("data", "model", "train", "probe", "sweep")),
+        ("data", DataConfig, ()),
+        ("model", ModelConfig, ()),
+        ("train", TrainConfig, ()),
+        ("probe", ProbeConfig, ()),
+        ("sweep", SweepConfig, ()),
+    ]
+    lines: list[str] = []
+    for title, cls, skip in sections:
+        lines += [f"**{title}**", "", "| key | default | meaning |", "|---|---|---|"]
+        for name, info in cls.model_fields.items():
+            if name in skip:
+                continue
+            default = "required" if info.is_required() else repr(info.get_default(call_default_factory=True))
+            default = default.replace("None", "null").replace("True", "true").replace("False", "false")
+            lines.append(f"| `{name}` | `{default}` | {info.description} |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
