@@ -269,8 +269,9 @@ class Trainer:
                 reason = self.divergence(loss, grad_norm)
                 if reason is not None:
                     status, diverged_step = "diverged", step
-                    if all(torch.isfinite(p).all() for p in self.model.parameters()):
-                        self.probe(step + 1, probes)  # the surge as measured; weights are finite
+                    updated = math.isfinite(loss) and math.isfinite(grad_norm)
+                    if updated and all(torch.isfinite(p).all() for p in self.model.parameters()):
+                        self.probe(step + 1, probes)  # the surge as measured after update step+1
                     break
                 step += 1
         finally:
