@@ -13,6 +13,13 @@ implements the general update of both papers (DESIGN.md section 2):
 
 with every coefficient computed per token. `h_res` is (B, T, n, n), or None for the plain
 residual (whose H_res is the constant 1x1 identity).
+
+Speed (see BENCHMARKS.md): the streams are read once for both H_pre x and H_res x (one
+batched matmul with R = [H_pre; H_res]); the coefficients come from one skinny matmul with
+the norm weight folded in and 1/rms applied after it; three small custom autograd Functions
+(`_StreamRead`, `_StreamWrite`, `_RmsProjection`) avoid the full-size temporaries autograd
+would write in the backward. tests/test_connections_fast.py checks them against a plain
+transcription of the equations, values and gradients.
 """
 
 from __future__ import annotations
@@ -41,6 +48,74 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
+class _StreamRead(torch.autograd.Function):
+    """y = R @ x per token, returned as (y[0], y[1:]): the sublayer input and H_res @ x.
+
+    x: (M, n, C), R: (M, 1 + n, n) = [H_pre; H_res]. One pass over x for both reads; the
+    backward joins the two output gradients once instead of autograd's zero-fill per slice.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, read: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        ctx.save_for_backward(x, read)
+        y = torch.bmm(read, x)  # (M, 1 + n, C)
+        return y[:, 0], y[:, 1:]  # (M, C), (M, n, C)
+
+    @staticmethod
+    def backward(ctx, grad_in: Optional[torch.Tensor], grad_mixed: Optional[torch.Tensor]):  # type: ignore[override]
+        x, read = ctx.saved_tensors
+        m, n, c = x.shape
+        if grad_in is None:
+            grad_in = x.new_zeros(m, c)
+        if grad_mixed is None:
+            grad_mixed = x.new_zeros(m, n, c)
+        grad_y = torch.cat([grad_in.unsqueeze(1), grad_mixed], dim=1)  # (M, 1 + n, C)
+        grad_x = torch.bmm(read.transpose(1, 2), grad_y) if ctx.needs_input_grad[0] else None
+        grad_read = torch.bmm(grad_y, x.transpose(1, 2)) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_read  # (M, n, C), (M, 1 + n, n)
+
+
+class _StreamWrite(torch.autograd.Function):
+    """out = mixed + H_post^T F per token: mixed (M, n, C), h_post (M, n), F (M, C).
+
+    The backward contracts over C and over n without writing (M, n, C) temporaries
+    (autograd's addcmul backward writes two).
+    """
+
+    @staticmethod
+    def forward(ctx, mixed: torch.Tensor, h_post: torch.Tensor, layer_out: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(h_post, layer_out)
+        return torch.addcmul(mixed, h_post.unsqueeze(-1), layer_out.unsqueeze(-2))  # (M, n, C)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        h_post, layer_out = ctx.saved_tensors
+        grad = grad.contiguous()  # the last layer's gradient is expanded (streams are summed)
+        grad_post = grad_out = None
+        if ctx.needs_input_grad[1]:
+            grad_post = torch.linalg.vecdot(grad, layer_out.unsqueeze(-2))  # (M, n): sum over C
+        if ctx.needs_input_grad[2]:
+            grad_out = torch.bmm(h_post.unsqueeze(-2), grad).squeeze(-2)  # (M, C): sum over n
+        return grad, grad_post, grad_out
+
+
+def mix_read(
+    x: torch.Tensor, read: torch.Tensor, h_post: torch.Tensor, sublayer: Sublayer
+) -> torch.Tensor:
+    """The general update with the two reads stacked: R = [H_pre; H_res], shape (B, T, 1 + n, n).
+
+    x: (B, T, n, C), h_post: (B, T, n). Returns H_res x + H_post^T F(H_pre x): (B, T, n, C).
+    """
+    b, t, n, c = x.shape
+    # (B*T, n, C); contiguous: the model's first x is an expanded view, and batched matmul on
+    # a zero stride falls back to one small matmul per token.
+    x_flat = x.reshape(b * t, n, c).contiguous()
+    layer_in, mixed = _StreamRead.apply(x_flat, read.reshape(b * t, n + 1, n))
+    layer_out = sublayer(layer_in.view(b, t, c))  # (B, T, C): F(H_pre x)
+    out = _StreamWrite.apply(mixed, h_post.reshape(b * t, n), layer_out.reshape(b * t, c))
+    return out.view(b, t, n, c)  # (B, T, n, C)
+
+
 def mix_streams(
     x: torch.Tensor,
     h_pre: torch.Tensor,
@@ -52,10 +127,45 @@ def mix_streams(
 
     x: (B, T, n, C); h_pre, h_post: (B, T, n); h_res: (B, T, n, n).
     """
-    layer_in = torch.einsum("btn,btnc->btc", h_pre, x)  # (B, T, C): H_pre @ x
-    layer_out = sublayer(layer_in)  # (B, T, C): F(...)
-    mixed = torch.matmul(h_res, x)  # (B, T, n, C): H_res @ x
-    return mixed + h_post.unsqueeze(-1) * layer_out.unsqueeze(-2)  # + H_post^T F
+    read = torch.cat([h_pre.unsqueeze(-2), h_res], dim=-2)  # (B, T, 1 + n, n): [H_pre; H_res]
+    return mix_read(x, read, h_post, sublayer)
+
+
+class _RmsProjection(torch.autograd.Function):
+    """RMSNorm(v) @ W computed as (v @ W) / rms(v), rms(v) = sqrt(mean(v^2) + eps).
+
+    v: (M, D), W: (D, K) with K small (the norm weight already folded into W). Only the
+    (M, K) product is written in the forward; the backward writes one (M, D) gradient:
+    dv = (g / rms) @ W^T - v * sum_k(g * p)_m / (D rms^3), with p = v @ W.
+    """
+
+    @staticmethod
+    def forward(ctx, v: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # type: ignore[override]
+        mean_square = torch.linalg.vecdot(v, v).unsqueeze(-1) / v.shape[-1]  # (M, 1)
+        inv_rms = torch.rsqrt(mean_square + eps)  # (M, 1)
+        # (W^T v^T)^T: for K << D, MKL is several times faster with the tall v on the right
+        proj = (weight.t() @ v.t()).t()  # (M, K)
+        ctx.save_for_backward(v, weight, inv_rms, proj)
+        return proj * inv_rms
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        v, weight, inv_rms, proj = ctx.saved_tensors
+        grad_proj = grad * inv_rms  # (M, K)
+        grad_v = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            # d(1/rms)/dv = -v / (D rms^3)
+            coef = -(grad * proj).sum(-1, keepdim=True) * inv_rms.pow(3) / v.shape[-1]  # (M, 1)
+            grad_v = torch.addmm(v * coef, grad_proj, weight.t())  # (M, D)
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad_proj.t() @ v).t()  # (D, K), same layout trick as the forward
+        return grad_v, grad_weight, None
+
+
+def rms_projection(v: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm(v) @ weight (norm weight folded into `weight`) for v: (..., D) -> (..., K)."""
+    flat = v.reshape(-1, v.shape[-1])  # (M, D)
+    return _RmsProjection.apply(flat, weight, eps).view(*v.shape[:-1], weight.shape[-1])
 
 
 class ResidualConnection(nn.Module):
@@ -106,28 +216,37 @@ class HyperConnection(nn.Module):
             self.gate_alpha = nn.Parameter(torch.tensor(0.01))  # s_alpha
             self.gate_beta = nn.Parameter(torch.tensor(0.01))  # s_beta
 
-    def coefficients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """H_pre (B, T, n), H_post (B, T, n), H_res (B, T, n, n) for x: (B, T, n, C)."""
+    def alpha_beta(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A = [H_pre^T | H_res^T] (B, T, n, 1 + n) and H_post^T (B, T, n) for x: (B, T, n, C).
+
+        RMSNorm's weight and 1/rms are applied around one matmul with [W_m | W_r | W_beta]
+        (x @ (w * W) / rms(x) = RMSNorm(x) @ W), so the normalised Hbar is never stored.
+        """
         alpha = self.static_alpha  # (n, 1 + n)
         beta = self.static_beta  # (n,)
-        if self.dynamic:
-            h_bar = self.norm(x)  # (B, T, n, C)
-            d_alpha = h_bar @ self.dynamic_alpha  # (B, T, n, 1 + n)
-            d_beta = h_bar @ self.dynamic_beta  # (B, T, n)
-            if self.use_tanh:
-                d_alpha, d_beta = torch.tanh(d_alpha), torch.tanh(d_beta)
-            alpha = self.gate_alpha * d_alpha + alpha
-            beta = self.gate_beta * d_beta + beta
-        else:
+        if not self.dynamic:
             alpha = alpha.expand(*x.shape[:2], *alpha.shape)  # (B, T, n, 1 + n)
-            beta = beta.expand(*x.shape[:3])  # (B, T, n)
+            return alpha, beta.expand(*x.shape[:3])  # (B, T, n)
+        weights = torch.cat([self.dynamic_alpha, self.dynamic_beta.unsqueeze(-1)], dim=-1)
+        weights = self.norm.weight.unsqueeze(-1) * weights  # (C, 2 + n): w * [W_m | W_r | W_beta]
+        proj = rms_projection(x, weights, self.norm.eps)  # (B, T, n, 2 + n): Hbar @ W
+        if self.use_tanh:
+            proj = torch.tanh(proj)
+        alpha = torch.addcmul(alpha, self.gate_alpha, proj[..., :-1])  # s_alpha * tanh(.) + A
+        beta = torch.addcmul(beta, self.gate_beta, proj[..., -1])  # s_beta * tanh(.) + B
+        return alpha, beta
+
+    def coefficients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """H_pre (B, T, n), H_post (B, T, n), H_res (B, T, n, n) for x: (B, T, n, C)."""
+        alpha, beta = self.alpha_beta(x)
         h_pre = alpha[..., 0]  # (B, T, n): H_pre^T
         h_res = alpha[..., 1:].transpose(-1, -2)  # (B, T, n, n): (H_res^T)^T
         return h_pre, beta, h_res
 
     def forward(self, x: torch.Tensor, sublayer: Sublayer) -> tuple[torch.Tensor, torch.Tensor]:
-        h_pre, h_post, h_res = self.coefficients(x)
-        return mix_streams(x, h_pre, h_post, h_res, sublayer), h_res
+        alpha, beta = self.alpha_beta(x)
+        read = alpha.transpose(-1, -2)  # (B, T, 1 + n, n): A^T = [H_pre; H_res]
+        return mix_read(x, read, beta, sublayer), read[..., 1:, :]
 
 
 class ManifoldHyperConnection(nn.Module):
@@ -141,7 +260,8 @@ class ManifoldHyperConnection(nn.Module):
         Hres~ = a_res * mat(v' @ phi_res) + b_res, H_res = SinkhornKnopp(Hres~)
 
     As in the paper's kernels, phi_pre | phi_post | phi_res are one (nC x (2n + n*n)) matrix,
-    the RMSNorm weight is folded into it and 1/rms(v) is applied after the matmul. Gates start
+    the RMSNorm weight (and here the gates a_*) are folded into it and 1/rms(v) is applied
+    after the matmul, so RMSNorm(v) is never stored (`rms_projection`). Gates start
     at 0.01 and phi at 0 (the paper does not say; zero makes the start input-independent, as
     in HC). Bias initialisation (the paper does not give one), strength s = `init_logit`:
     b_res = -s off the diagonal, 0 on it, so H_res starts near the identity (diagonal
@@ -177,15 +297,18 @@ class ManifoldHyperConnection(nn.Module):
         """H_pre (B, T, n), H_post (B, T, n), H_res (B, T, n, n) for x: (B, T, n, C)."""
         n = self.n
         v = x.flatten(-2)  # (B, T, nC)
-        inv_rms = torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + self.eps)  # (B, T, 1)
-        phi = self.norm_weight.unsqueeze(-1) * self.dynamic_phi  # (nC, 2n + n*n)
-        proj = (v @ phi) * inv_rms  # (B, T, 2n + n*n) = RMSNorm(v) @ phi
-        pre, post, res = proj.split([n, n, n * n], dim=-1)
-        h_pre = torch.sigmoid(self.gate_pre * pre + self.bias_pre)  # (B, T, n)
-        h_post = 2.0 * torch.sigmoid(self.gate_post * post + self.bias_post)  # (B, T, n)
-        res_logits = self.gate_res * res.unflatten(-1, (n, n)) + self.bias_res  # (B, T, n, n)
-        h_res = sinkhorn_knopp(res_logits, self.sinkhorn_iters)
-        return h_pre, h_post, h_res
+        gates = torch.cat(
+            [self.gate_pre.expand(n), self.gate_post.expand(n), self.gate_res.expand(n * n)]
+        )  # (2n + n*n,): a_pre, a_post, a_res per column
+        bias = torch.cat([self.bias_pre, self.bias_post, self.bias_res.flatten()])  # (2n + n*n,)
+        phi = self.norm_weight.unsqueeze(-1) * self.dynamic_phi * gates  # (nC, 2n + n*n)
+        # a * (RMSNorm(v) @ phi) + b, with 1/rms(v) applied after the matmul: (B, T, 2n + n*n)
+        logits = rms_projection(v, phi, self.eps) + bias
+        gated = torch.sigmoid(logits[..., : 2 * n])  # (B, T, 2n)
+        h_pre = gated[..., :n]  # (B, T, n)
+        h_post = 2.0 * gated[..., n:]  # (B, T, n)
+        h_res = sinkhorn_knopp(logits[..., 2 * n :].unflatten(-1, (n, n)), self.sinkhorn_iters)
+        return h_pre, h_post, h_res  # h_res: (B, T, n, n)
 
     def forward(self, x: torch.Tensor, sublayer: Sublayer) -> tuple[torch.Tensor, torch.Tensor]:
         h_pre, h_post, h_res = self.coefficients(x)
