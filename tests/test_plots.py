@@ -1,0 +1,139 @@
+"""`mhc-lab plot`: every figure the sweep has data for, skips with a message, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from matplotlib import image as mimage
+
+from mhc_lab.gain import forward_composites
+from mhc_lab.plots import aggregate, composite_product, fmt_number
+from mhc_lab.results_view import load_view
+
+from .helpers import cli
+from .results_fixtures import copy_results, results_folder
+
+SWEEP_FIGURES = ("gain_vs_step", "gain_vs_scale", "gain_by_layer", "loss_and_grad_norm", "mixing_matrices")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    return results_folder("sweep", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def plotted(sweep):
+    """The sweep plotted once with the default options."""
+    result = cli("plot", sweep)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def assert_png(path):
+    assert path.read_bytes()[:8] == PNG_MAGIC, path
+    pixels = mimage.imread(path)
+    assert pixels.ndim == 3 and pixels.shape[0] > 200 and pixels.shape[1] > 200
+    assert pixels.std() > 0.01  # not a blank canvas
+
+
+def test_every_figure_of_the_sweep_is_a_valid_image(sweep, plotted):
+    for stem in SWEEP_FIGURES:
+        path = sweep / "figures" / f"{stem}.png"
+        assert_png(path)
+        assert str(path) in plotted.output.replace("\n", "")
+    assert "skipped sweep_heatmap" in plotted.output  # depth is the only numeric axis
+    assert "5 figures written, 1 skipped" in plotted.output
+
+
+def test_the_sweep_axes_and_groups_come_from_the_resolved_configs(sweep):
+    view = load_view(sweep)
+    assert view.axes == {"model.depth": [1, 2]}
+    assert view.connections == ["residual", "hc", "mhc"] and view.seeds == [0, 1]
+    residual = next(r for r in view.runs if r.connection == "residual")
+    assert residual.setting("model.n_streams") is None  # ignored by residual: matches every n
+
+
+def test_two_crossed_numeric_axes_give_a_heatmap(tmp_path_factory):
+    grid = results_folder("grid", tmp_path_factory)
+    result = cli("plot", grid)
+    assert result.exit_code == 0, result.output
+    assert_png(grid / "figures" / "sweep_heatmap_lr_x_depth.png")
+
+
+def test_figures_without_data_are_skipped_with_a_message(tmp_path_factory):
+    single = results_folder("single", tmp_path_factory)
+    result = cli("plot", single)
+    assert result.exit_code == 0, result.output
+    assert "skipped gain_vs_scale: no numeric setting" in result.output
+    assert "skipped sweep_heatmap" in result.output
+    for stem in ("gain_vs_step", "gain_by_layer", "loss_and_grad_norm", "mixing_matrices"):
+        assert_png(single / "figures" / f"{stem}.png")
+    assert not list((single / "figures").glob("gain_vs_scale.*"))
+
+
+def test_default_folder_svg_format_and_out(tmp_path, tmp_path_factory, monkeypatch):
+    """No argument: the most recently written experiment under ./results."""
+    older = copy_results(results_folder("grid", tmp_path_factory), tmp_path / "results")
+    newest = copy_results(results_folder("single", tmp_path_factory), tmp_path / "results")
+    os.utime(older / "experiment.yaml", (1, 1))
+    os.utime(older / "summary.csv", (1, 1))
+    monkeypatch.chdir(tmp_path)
+    result = cli("plot", "--format", "svg", "--out", "figs")
+    assert result.exit_code == 0, result.output
+    files = sorted(p.name for p in (tmp_path / "figs").iterdir())
+    assert "gain_vs_step.svg" in files and all(name.endswith(".svg") for name in files)
+    assert "sweep_heatmap_lr_x_depth.svg" not in files  # the older `grid` experiment was not plotted
+    assert "<svg" in (tmp_path / "figs" / "gain_vs_step.svg").read_text()[:2000]
+    assert not (newest / "figures").exists()
+
+
+@pytest.mark.parametrize("where", ["empty", "missing", "root"])
+def test_a_folder_that_is_not_results_is_one_clear_line(tmp_path, where, monkeypatch):
+    target = {"empty": tmp_path, "missing": tmp_path / "nope", "root": None}[where]
+    monkeypatch.chdir(tmp_path)  # `root`: no ./results here
+    result = cli("plot", *([target] if target is not None else []))
+    assert result.exit_code == 2
+    assert "error:" in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_non_finite_gains_do_not_crash_plotting(tmp_path, tmp_path_factory):
+    folder = copy_results(results_folder("single", tmp_path_factory), tmp_path)
+    run = next(p for p in (folder / "runs").iterdir() if (p / "hres.npz").exists())
+    probes = [json.loads(line) for line in (run / "probes.jsonl").read_text().splitlines()]
+    probes[-1]["headline"]["max_gain_fwd"] = "inf"
+    probes[-1]["composite"]["fwd"]["amax"]["mean"][-1] = "inf"
+    (run / "probes.jsonl").write_text("".join(json.dumps(p) + "\n" for p in probes))
+    summary = json.loads((run / "summary.json").read_text())
+    summary["max_gain_fwd"] = "inf"
+    (run / "summary.json").write_text(json.dumps(summary))
+    with np.load(run / "hres.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["peak"] = np.full(arrays["peak"].shape, 1e200)  # the composite overflows float64
+    np.savez(run / "hres.npz", **arrays)
+    result = cli("plot", folder)
+    assert result.exit_code == 0, result.output
+    assert_png(folder / "figures" / "mixing_matrices.png")
+
+
+def test_composite_product_matches_the_gain_module():
+    h = torch.randn(5, 3, 4, 4, dtype=torch.float64)
+    expected = forward_composites(h)[-1].numpy()
+    assert np.allclose(composite_product(h.numpy()), expected)
+
+
+def test_aggregate_aligns_curves_and_drops_non_finite_values():
+    band = aggregate([(np.array([0, 2]), np.array([1.0, 3.0])), (np.array([0, 2, 4]), np.array([3.0, np.inf, 5.0]))])
+    assert band.x.tolist() == [0, 2, 4]
+    assert band.mean.tolist() == [2.0, 3.0, 5.0] and band.lo.tolist() == [1.0, 3.0, 5.0]
+    assert band.nonfinite == 1 and band.curves == 2
+
+
+def test_number_formatting():
+    assert [fmt_number(v) for v in (1.0, 0.948, 12.34, 2580.0, 1.2e5, float("inf"))] == \
+        ["1", "0.948", "12.3", "2.6e3", "1.2e5", "inf"]

@@ -1,0 +1,64 @@
+"""`mhc-lab report`: REPORT.md with the experiment, runs, gains against the paper, figures."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from .helpers import cli
+from .results_fixtures import results_folder
+
+
+@pytest.fixture(scope="module")
+def sweep_report(tmp_path_factory):
+    folder = results_folder("sweep", tmp_path_factory)
+    result = cli("report", folder)
+    assert result.exit_code == 0, result.output
+    return folder, (folder / "REPORT.md").read_text(), result.output
+
+
+def test_report_holds_experiment_environment_and_run_table(sweep_report):
+    folder, text, _ = sweep_report
+    assert text.startswith("# sweep\n")
+    assert (folder / "experiment.yaml").read_text().strip() in text
+    assert "corpus sha256" in text and "torch" in text
+    run_ids = [p.name for p in (folder / "runs").iterdir()]
+    assert len(run_ids) == 12
+    for run_id in run_ids:
+        assert re.search(rf"^\| {re.escape(run_id)} \| \w+ \| completed \|", text, re.M), run_id
+    assert "None: every run completed." in text
+
+
+def test_report_compares_gains_with_the_paper(sweep_report):
+    _, text, output = sweep_report
+    section = text.split("## Peak gain: measured vs the paper")[1].split("## Figures")[0]
+    for name, paper in (("residual", "1 (by construction)"), ("HC", "≈ 3000"), ("mHC", "≤ ≈ 1.6")):
+        assert re.search(rf"^\| {name} \|.*\| {re.escape(paper)} \|$", section, re.M), name
+    assert "HC" in output and "≈ 3000" in output  # the key table on the terminal
+
+
+def test_report_links_every_figure_relatively(sweep_report):
+    folder, text, _ = sweep_report
+    figures = sorted(p.name for p in (folder / "figures").glob("*.png"))
+    assert len(figures) == 5
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert sorted(links) == [f"figures/{name}" for name in figures]
+    assert "sweep_heatmap: no two numeric settings" in text  # the skipped figure is named
+
+
+def test_report_lists_failed_runs_with_their_reason(tmp_path_factory):
+    folder = results_folder("single", tmp_path_factory)
+    result = cli("report", folder)
+    assert result.exit_code == 0, result.output
+    text = (folder / "REPORT.md").read_text()
+    problems = text.split("## Diverged, failed and unfinished runs")[1]
+    assert re.search(r"\| hc-\S+ \| failed \| - \| ValueError: validation split .* shorter than seq_len", problems)
+    assert "failed" in result.output
+
+
+def test_report_on_a_folder_that_is_not_results(tmp_path):
+    result = cli("report", tmp_path)
+    assert result.exit_code == 2
+    assert "not an mhc-lab results folder" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "REPORT.md").exists()
