@@ -140,3 +140,57 @@ def schema(
 
 def main() -> None:  # pragma: no cover - console entry
     app()
+
+
+# bench: training-step time of residual, HC and mHC (logic in mhc_lab/bench.py)
+
+
+@app.command()
+def bench(
+    d_model: Annotated[
+        Optional[list[int]],
+        typer.Option("--d-model", help="Width C to measure (repeatable). Default: 64, 256, 512.", show_default=False),
+    ] = None,
+    depth: Annotated[int, typer.Option(help="Transformer blocks (two layers each).")] = 12,
+    n_streams: Annotated[int, typer.Option(help="Expansion rate n of HC and mHC.")] = 4,
+    batch: Annotated[int, typer.Option(help="Sequences per step.")] = 16,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 128,
+    steps: Annotated[int, typer.Option(help="Timed repetitions (each times one step of every variant).")] = 10,
+    warmup: Annotated[int, typer.Option(help="Untimed steps per variant first.")] = 3,
+    sinkhorn_iters: Annotated[int, typer.Option(help="mHC Sinkhorn iterations (paper: 20).")] = 20,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    threads: Annotated[
+        Optional[int], typer.Option(help="torch CPU threads (default: torch's own choice).", show_default=False)
+    ] = None,
+    peer: Annotated[
+        bool, typer.Option("--peer/--no-peer", help="Add rows for the hyper-connections package if installed.")
+    ] = True,
+    json_: Annotated[bool, typer.Option("--json", help="Print JSON (rows and environment) instead of a table.")] = False,
+) -> None:
+    """Time training steps (forward, backward, AdamW) of residual, HC and mHC models, interleaved.
+
+    Example: mhc-lab bench --d-model 64 --d-model 256 --steps 10 --json
+    """
+    from .bench import BenchSettings, render_table, run_bench, to_json
+
+    settings = BenchSettings(
+        d_models=list(d_model) if d_model else [64, 256, 512],
+        depth=depth,
+        n_streams=n_streams,
+        seq_len=seq_len,
+        batch=batch,
+        steps=steps,
+        warmup=warmup,
+        sinkhorn_iters=sinkhorn_iters,
+        peer=peer,
+        device=device,
+        threads=threads,
+    )
+    try:
+        rows = run_bench(settings, progress=lambda line: err_console.print(line, style="dim", highlight=False))
+    except MhcLabError as exc:
+        fail(exc)
+    if json_:
+        typer.echo(to_json(rows, settings))
+    else:
+        console.print(render_table(rows, settings))
