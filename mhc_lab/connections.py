@@ -156,7 +156,7 @@ class _RmsProjection(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # d(1/rms)/dv = -v / (D rms^3)
             coef = -(grad * proj).sum(-1, keepdim=True) * inv_rms.pow(3) / v.shape[-1]  # (M, 1)
-            grad_v = torch.addmm(v * coef, grad_proj, weight.t())  # (M, D)
+            grad_v = (grad_proj @ weight.t()).addcmul_(v, coef)  # (M, D), no v * coef temporary
         if ctx.needs_input_grad[1]:
             grad_weight = (grad_proj.t() @ v).t()  # (D, K), same layout trick as the forward
         return grad_v, grad_weight, None
