@@ -110,9 +110,12 @@ def mix_read(
     # (B*T, n, C); contiguous: the model's first x is an expanded view, and batched matmul on
     # a zero stride falls back to one small matmul per token.
     x_flat = x.reshape(b * t, n, c).contiguous()
-    layer_in, mixed = _StreamRead.apply(x_flat, read.reshape(b * t, n + 1, n))
+    # The coefficients are small: make them row-major too (same fallback otherwise).
+    read = read.reshape(b * t, n + 1, n).contiguous()  # (B*T, 1 + n, n)
+    h_post = h_post.reshape(b * t, n).contiguous()  # (B*T, n)
+    layer_in, mixed = _StreamRead.apply(x_flat, read)
     layer_out = sublayer(layer_in.view(b, t, c))  # (B, T, C): F(H_pre x)
-    out = _StreamWrite.apply(mixed, h_post.reshape(b * t, n), layer_out.reshape(b * t, c))
+    out = _StreamWrite.apply(mixed, h_post, layer_out.reshape(b * t, c))
     return out.view(b, t, n, c)  # (B, T, n, C)
 
 
@@ -146,7 +149,9 @@ class _RmsProjection(torch.autograd.Function):
         # (W^T v^T)^T: for K << D, MKL is several times faster with the tall v on the right
         proj = (weight.t() @ v.t()).t()  # (M, K)
         ctx.save_for_backward(v, weight, inv_rms, proj)
-        return proj * inv_rms
+        # row-major again: elementwise ops downstream keep a transposed layout, and batched
+        # matmuls with per-token coefficients in that layout fall back to one matmul per token
+        return (proj * inv_rms).contiguous()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
