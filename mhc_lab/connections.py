@@ -59,7 +59,8 @@ class _StreamRead(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, read: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         ctx.save_for_backward(x, read)
         y = torch.bmm(read, x)  # (M, 1 + n, C)
-        return y[:, 0], y[:, 1:]  # (M, C), (M, n, C)
+        # The sublayer saves its input for backward: a view would keep all of y alive.
+        return y[:, 0].contiguous(), y[:, 1:]  # (M, C), (M, n, C)
 
     @staticmethod
     def backward(ctx, grad_in: Optional[torch.Tensor], grad_mixed: Optional[torch.Tensor]):  # type: ignore[override]

@@ -157,3 +157,19 @@ def test_coefficients_come_out_row_major():
     conn = ManifoldHyperConnection(8, 4, layer_index=0)
     h_pre, h_post, h_res = conn.coefficients(torch.randn(2, 3, 4, 8))
     assert h_post.is_contiguous() and h_res.is_contiguous()
+
+
+@pytest.mark.parametrize("kind", ["hc", "mhc"])
+def test_backward_keeps_no_storage_larger_than_the_streams(kind):
+    """The sublayer saves its input: it must not be a view into the (1 + n)-row read buffer."""
+    conn = HyperConnection(C, 4, 0) if kind == "hc" else ManifoldHyperConnection(C, 4, 0)
+    x = torch.randn(8, 16, 4, C, requires_grad=True)  # larger than any parameter
+    sizes: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        sizes.append(t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        conn(x, torch.nn.Linear(C, C))
+    assert max(sizes) <= x.numel() * x.element_size()
