@@ -71,6 +71,8 @@ class _StreamRead(torch.autograd.Function):
         if grad_mixed is None:
             grad_mixed = x.new_zeros(m, n, c)
         grad_y = torch.cat([grad_in.unsqueeze(1), grad_mixed], dim=1)  # (M, 1 + n, C)
+        # Under autocast the two gradients and the saved inputs can differ in dtype.
+        x, read = x.to(grad_y.dtype), read.to(grad_y.dtype)
         grad_x = torch.bmm(read.transpose(1, 2), grad_y) if ctx.needs_input_grad[0] else None
         grad_read = torch.bmm(grad_y, x.transpose(1, 2)) if ctx.needs_input_grad[1] else None
         return grad_x, grad_read  # (M, n, C), (M, 1 + n, n)
@@ -92,6 +94,7 @@ class _StreamWrite(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         h_post, layer_out = ctx.saved_tensors
         grad = grad.contiguous()  # the last layer's gradient is expanded (streams are summed)
+        h_post, layer_out = h_post.to(grad.dtype), layer_out.to(grad.dtype)  # autocast: mixed
         grad_post = grad_out = None
         if ctx.needs_input_grad[1]:
             grad_post = torch.linalg.vecdot(grad, layer_out.unsqueeze(-2))  # (M, n): sum over C
@@ -157,6 +160,8 @@ class _RmsProjection(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         v, weight, inv_rms, proj = ctx.saved_tensors
+        dtype = torch.promote_types(grad.dtype, v.dtype)  # under autocast proj may be bf16
+        grad, v, weight, inv_rms, proj = (t.to(dtype) for t in (grad, v, weight, inv_rms, proj))
         grad_proj = grad * inv_rms  # (M, K)
         grad_v = grad_weight = None
         if ctx.needs_input_grad[0]:

@@ -173,3 +173,22 @@ def test_backward_keeps_no_storage_larger_than_the_streams(kind):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         conn(x, torch.nn.Linear(C, C))
     assert max(sizes) <= x.numel() * x.element_size()
+
+
+@pytest.mark.parametrize("kind", ["hc", "mhc"])
+def test_bf16_autocast_forward_and_backward(kind):
+    """Under autocast (the training loop's `autocast_bf16`) the custom Functions see mixed
+    dtypes: bf16 matmul outputs, float32 streams and gradients."""
+    from mhc_lab.model import build_model
+
+    from .conftest import tiny_model_config
+
+    model = build_model(tiny_model_config(connection=kind, n_streams=4), 16, seed=0)
+    idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss, _ = model(idx, idx)
+    loss.backward()
+    _, ref, _ = model(idx, idx)
+    assert abs(loss.item() - ref.item()) < 0.05
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
