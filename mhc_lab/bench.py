@@ -7,7 +7,9 @@ backward, AdamW step. For every d_model all variants are built first, then warme
 timed *interleaved*: repetition i times one step of every variant, in an order rotated by i,
 so machine noise (other jobs, frequency changes) hits all variants alike. The reported time is
 the median over repetitions; the ratio to residual is the median of the per-repetition ratios
-(each ratio taken between steps measured moments apart).
+(each ratio taken between steps measured moments apart). On a machine shared with other jobs,
+`threads=1` keeps the ratios stable: with every core asked for, OpenMP waits on the busy
+cores make all steps several times slower and noisy.
 
 Memory, measured after timing, one extra step per variant:
 
@@ -34,7 +36,7 @@ import json
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +45,9 @@ from torch import nn
 from .config import ModelConfig
 from .errors import MhcLabError
 from .model import LanguageModel, build_model
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 OWN_VARIANTS: tuple[str, ...] = ("residual", "hc", "mhc")
 PEAK_MEANING = {
@@ -242,7 +247,7 @@ class _LinuxRss:
         return self._status("VmHWM")
 
 
-def measure_memory(step: Callable[[], None], model: nn.Module, device: torch.device) -> tuple[Optional[float], float]:
+def measure_memory(step: Callable[[], None], device: torch.device) -> tuple[Optional[float], float]:
     """(peak_mb, saved_mb) of one step; see the module docstring for what each measures."""
     storages: dict[int, int] = {}
 
@@ -313,7 +318,7 @@ def _run_bench(settings: BenchSettings, progress: Optional[Callable[[str], None]
                 progress(f"d_model {d_model}: repetition {rep + 1}/{settings.steps}")
         ref = times["residual"]
         for v in variants:
-            peak, saved = measure_memory(steps[v], models[v], device)
+            peak, saved = measure_memory(steps[v], device)
             rows.append(
                 BenchRow(
                     variant=v,
@@ -365,7 +370,7 @@ def to_json(rows: list[BenchRow], settings: BenchSettings) -> str:
     )
 
 
-def render_table(rows: list[BenchRow], settings: BenchSettings) -> "rich.table.Table":  # noqa: F821
+def render_table(rows: list[BenchRow], settings: BenchSettings) -> Table:
     """A rich table of the rows, one line per (d_model, variant)."""
     from rich.table import Table
 
