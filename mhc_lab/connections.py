@@ -347,10 +347,13 @@ def build_connection(cfg: ModelConfig, layer_index: int) -> nn.Module:
 
 
 def is_decayed(name: str, param: nn.Parameter) -> bool:
-    """Weight decay goes to weight matrices only, never to static HC/mHC parts, biases,
-    gates or norms (HC paper: the static parts get no weight decay)."""
+    """Weight decay goes to weight matrices and the dynamic HC/mHC weights (HC's W_beta is a
+    vector, but dynamic), never to static HC/mHC parts, biases, gates or norms (HC paper: the
+    static parts get no weight decay, the dynamic ones do)."""
     leaf = name.rsplit(".", 1)[-1]
-    return param.ndim >= 2 and not leaf.startswith(("static_", "bias_"))
+    if leaf.startswith(("static_", "bias_")):
+        return False
+    return param.ndim >= 2 or leaf.startswith("dynamic_")
 
 
 def optional_hres(h_res: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:

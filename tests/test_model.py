@@ -180,7 +180,7 @@ def test_weight_decay_groups_exclude_static_parts():
     decayed = {id(p) for p in decay["params"]}
     conn = model.connections[0]
     assert id(conn.static_alpha) not in decayed and id(conn.static_beta) not in decayed
-    assert id(conn.dynamic_alpha) in decayed
+    assert id(conn.dynamic_alpha) in decayed and id(conn.dynamic_beta) in decayed  # W_m, W_r, W_beta
     assert id(model.sublayers[0].inner.qkv.weight) in decayed
     assert id(model.sublayers[0].norm.weight) not in decayed
     mhc = build_model(tiny_model_config(connection="mhc", n_streams=4), SEQ, seed=0)
