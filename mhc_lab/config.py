@@ -189,6 +189,63 @@ class RunConfig(Section):
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
 
 
+class LauncherConfig(Section):
+    """Where the runs of a sweep execute. Never part of a run's id or of resolved.yaml: it says
+    where runs train, not what they compute, so changing it keeps every finished result."""
+
+    kind: Literal["local", "slurm", "submitit-local"] = Field(
+        "local",
+        description="`local`: this machine, `workers` runs at once; `slurm`: one Slurm job per "
+        "pending run (a job array, through submitit); `submitit-local`: the same submitit path "
+        "with jobs as local processes (rehearse a Slurm setup without a cluster).",
+    )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="local: runs trained at once, each in its own process, the CPU cores split "
+        "between them unless train.threads is set (ignored by the submitit kinds).",
+    )
+    partition: Optional[str] = Field(
+        None, description="slurm: the partition (sbatch --partition); null = the cluster's default."
+    )
+    time_min: int = Field(
+        60,
+        ge=1,
+        description="slurm, submitit-local: time limit of each job in minutes; on Slurm a job "
+        "stopped by it (or preempted) is requeued, up to 3 times, and its run resumes from its "
+        "last checkpoint.",
+    )
+    gpus_per_node: int = Field(0, ge=0, le=64, description="slurm: GPUs per job (one run uses one device).")
+    cpus_per_task: Optional[int] = Field(
+        None, ge=1, description="slurm: CPU cores per job; torch uses them all unless train.threads "
+        "is set; null = the cluster's default."
+    )
+    mem_gb: Optional[float] = Field(None, gt=0, description="slurm: memory per job in GB; null = the cluster's default.")
+    array_parallelism: int = Field(
+        64, ge=1, description="slurm: at most this many jobs of the array run at once."
+    )
+    setup: list[str] = Field(
+        default_factory=list,
+        description="slurm: shell lines run before each job, e.g. `module load cuda` or "
+        "`source ~/venv/bin/activate`.",
+    )
+    sbatch: dict[str, Any] = Field(
+        default_factory=dict,
+        description="slurm: further #SBATCH options, e.g. `{account: myproject, qos: high}` "
+        "(submitit's slurm_additional_parameters).",
+    )
+    log_folder: Optional[str] = Field(
+        None,
+        description="submitit's job files and logs; null = <out>/<name>/jobs. Relative paths are "
+        "relative to the experiment file.",
+    )
+    poll_s: float = Field(
+        5.0, gt=0.0, le=600.0, description="submitit kinds: how often a waiting `mhc-lab run` "
+        "reads the jobs' results files to show progress."
+    )
+
+
 class ExperimentConfig(RunConfig):
     """An experiment file: a named base run config and a sweep over it."""
 
@@ -201,10 +258,11 @@ class ExperimentConfig(RunConfig):
     )
     description: str = Field("", description="Free text, copied into the report.")
     sweep: SweepConfig = Field(default_factory=SweepConfig)
+    launcher: LauncherConfig = Field(default_factory=LauncherConfig)
 
     def base_run(self) -> dict[str, Any]:
-        """The base run config as a plain dict (without name, description and sweep)."""
-        return self.model_dump(exclude={"name", "description", "sweep"})
+        """The base run config as a plain dict (without name, description, sweep and launcher)."""
+        return self.model_dump(exclude={"name", "description", "sweep", "launcher"})
 
 
 # Fields that do not change a run of the given connection; left out of its run_id hash.
@@ -218,12 +276,13 @@ IRRELEVANT_MODEL_FIELDS: dict[str, set[str]] = {
 def reference_markdown() -> str:
     """The experiment-file reference as Markdown tables (README.md embeds this verbatim)."""
     sections = [
-        ("top level", ExperimentConfig, ("data", "model", "train", "probe", "sweep")),
+        ("top level", ExperimentConfig, ("data", "model", "train", "probe", "sweep", "launcher")),
         ("data", DataConfig, ()),
         ("model", ModelConfig, ()),
         ("train", TrainConfig, ()),
         ("probe", ProbeConfig, ()),
         ("sweep", SweepConfig, ()),
+        ("launcher", LauncherConfig, ()),
     ]
     lines: list[str] = []
     for title, cls, skip in sections:

@@ -219,7 +219,12 @@ def _key_lines(node: Any, prefix: str = "") -> dict[str, int]:
 
 
 def dump_resolved(exp: Experiment) -> str:
-    """The validated experiment (after --set) as YAML: what a results folder was made from."""
-    return yaml.safe_dump(exp.config.model_dump(mode="json"), sort_keys=False)
+    """The validated experiment (after --set) as YAML: what a results folder was made from.
+
+    `launcher` is left out: it says where runs train (this machine, N workers, Slurm), not
+    what they compute, so switching launchers keeps a folder's results instead of asking for
+    --fresh. Run ids never depend on it either (they hash run configs only).
+    """
+    return yaml.safe_dump(exp.config.model_dump(mode="json", exclude={"launcher"}), sort_keys=False)
 
 

@@ -1,0 +1,153 @@
+"""Local parallel sweeps: several runs at once, each in its own process (`--workers N`).
+
+The parent process keeps everything a one-worker sweep has: it holds the results folder's lock,
+decides which runs are done, relays progress to the reporter and rebuilds summary.csv after
+each finished run. Workers are spawned processes (a fresh interpreter: no state copied from
+the parent); each trains one run at a time through `runner.execute_run` and writes only that
+run's folder, so files, resume and failures are those of a one-worker sweep. The CPU cores are
+split: every worker uses max(1, cores // workers) torch threads unless train.threads is set.
+
+Progress travels as messages on one queue: ("started" | "event" | "finished", run_id, payload).
+Ctrl-C reaches the parent (workers ignore SIGINT); it sets a stop flag that every worker checks
+at its next progress event, leaving the run's last checkpoint to resume from.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing as mp
+import os
+import queue
+import signal
+from pathlib import Path
+from typing import Optional
+
+from .errors import MhcLabError
+from .experiment_file import Experiment
+from .runner import Reporter, SilentReporter, SweepOutcome, execute_run, plan_sweep
+from .store import ExperimentStore
+from .sweep import PlannedRun
+
+POLL_S = 0.2  # how long the parent waits for a message before checking its workers
+
+
+class WorkerError(MhcLabError):
+    """A worker process died or raised outside a run (the run itself resumes on the next try)."""
+
+    exit_code = 1
+
+
+def cpu_cores() -> int:
+    """The cores this process may use (its CPU affinity where the OS tells it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+# -- in the worker processes ---------------------------------------------------------------
+
+_messages = None  # the queue to the parent
+_stop = None  # set by the parent: stop at the next progress event
+
+
+def _init_worker(messages, stop, threads: int) -> None:
+    global _messages, _stop
+    _messages, _stop = messages, stop
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and sets `stop`
+    import torch
+
+    torch.set_num_threads(threads)  # train.threads, when set, wins (train.Trainer sets it)
+
+
+def _train_one(exp: Experiment, run: PlannedRun, root: str) -> None:
+    if _stop.is_set():
+        return
+
+    def progress(event: dict) -> None:
+        if _stop.is_set():
+            raise KeyboardInterrupt  # not caught by execute_run: no summary, the checkpoint stays
+        _messages.put(("event", run.run_id, event))
+
+    _messages.put(("started", run.run_id, None))
+    try:
+        summary = execute_run(exp, run, ExperimentStore(Path(root)).run(run.run_id), progress)
+    except KeyboardInterrupt:
+        return
+    _messages.put(("finished", run.run_id, summary))
+
+
+# -- in the parent -------------------------------------------------------------------------
+
+
+def run_sweep_parallel(
+    exp: Experiment,
+    store: ExperimentStore,
+    reporter: Optional[Reporter] = None,
+    only: Optional[set[str]] = None,
+    workers: int = 2,
+) -> SweepOutcome:
+    """runner.run_sweep with `workers` runs training at once; same files, same outcome."""
+    reporter = reporter or SilentReporter()
+    runs, done, busy = plan_sweep(exp, store, only)
+    reporter.sweep_started(runs, done)
+    all_ids = [r.run_id for r in exp.runs]
+    summaries = {rid: store.run(rid).read_summary() for rid in done}
+    todo = [r for r in runs if r.run_id not in done]
+    if todo:
+        n_workers = min(workers, len(todo))
+        ctx = mp.get_context("spawn")
+        messages, stop = ctx.Queue(), ctx.Event()
+        threads = max(1, cpu_cores() // n_workers)
+        with cf.ProcessPoolExecutor(
+            n_workers, mp_context=ctx, initializer=_init_worker, initargs=(messages, stop, threads)
+        ) as pool:
+            futures = {pool.submit(_train_one, exp, run, str(store.root)): run for run in todo}
+            try:
+                _relay(messages, futures, runs, summaries, store, all_ids, reporter)
+            except BaseException:
+                stop.set()  # running workers stop at their next step; queued runs never start
+                for future in futures:
+                    future.cancel()
+                raise
+    store.write_summary_csv(all_ids)
+    return SweepOutcome(
+        summaries=[summaries[r.run_id] for r in runs if r.run_id in summaries],
+        skipped=len(done),
+        in_flight=busy,
+    )
+
+
+def _relay(messages, futures, runs, summaries, store, all_ids, reporter) -> None:
+    """Pass the workers' messages to the reporter until every submitted run has finished."""
+    by_id = {r.run_id: r for r in runs}
+    index = {r.run_id: i for i, r in enumerate(runs)}
+    remaining = {run.run_id for run in futures.values()}
+    while remaining:
+        try:
+            kind, run_id, payload = messages.get(timeout=POLL_S)
+        except queue.Empty:
+            _check_workers(futures, remaining)
+            continue
+        run = by_id[run_id]
+        if kind == "started":
+            reporter.run_started(run, index[run_id])
+        elif kind == "event":
+            reporter.run_event(run, payload)
+        elif kind == "finished":
+            summaries[run_id] = payload
+            remaining.discard(run_id)
+            store.write_summary_csv(all_ids)
+            reporter.run_finished(run, payload)
+
+
+def _check_workers(futures: dict, remaining: set[str]) -> None:
+    """Raise if a worker died or raised: its run's "finished" message will never come."""
+    for future, run in futures.items():
+        if run.run_id in remaining and future.done():
+            error = future.exception()
+            if error is not None:
+                raise WorkerError(
+                    f"the worker training {run.run_id} stopped: {type(error).__name__}: {error}"
+                    " (run the same command again to resume)"
+                ) from error
