@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -43,18 +44,43 @@ def run(
     ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and list the runs; write nothing.")] = False,
     fresh: Annotated[bool, typer.Option("--fresh", help="Move an existing results folder aside and start over.")] = False,
+    workers: Annotated[
+        Optional[int], typer.Option(help="Train this many runs at once on this machine (launcher.workers).", show_default=False)
+    ] = None,
+    launcher: Annotated[
+        Optional[str],
+        typer.Option(help="Where runs train: local, slurm or submitit-local (launcher.kind).", show_default=False),
+    ] = None,
+    no_wait: Annotated[
+        bool, typer.Option("--no-wait", help="slurm, submitit-local: submit and return; `mhc-lab ls` follows the jobs.")
+    ] = False,
+    device: Annotated[
+        Optional[str], typer.Option(help="auto, cpu, cuda or mps (train.device).", show_default=False)
+    ] = None,
 ) -> None:
     """Run the sweep of an experiment file; re-running resumes where it stopped.
 
-    Example: mhc-lab run experiments/smoke.yaml --set train.steps=20
+    Example: mhc-lab run experiments/smoke.yaml --set train.steps=20 --workers 2
     """
-    from .experiment_file import load_experiment
+    from .experiment_file import ConfigError, load_experiment
     from .progress import PlainReporter, RichReporter, summary_table
     from .runner import open_store, run_status, run_sweep
     from .store import ExperimentStore
 
+    options = {"launcher.workers": workers, "launcher.kind": launcher, "train.device": device}
+    overrides = list(set_ or []) + [f"{key}={value}" for key, value in options.items() if value is not None]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dry_run:  # started by torchrun
+        from .distributed import main as data_parallel_main
+
+        sets = [arg for item in overrides for arg in ("--set", item)]
+        raise typer.Exit(data_parallel_main([str(file), "--out", str(out), *sets] + (["--fresh"] if fresh else [])))
     try:
-        exp = load_experiment(file, set_ or [])
+        exp = load_experiment(file, overrides)
+        kind = exp.config.launcher.kind
+        if workers is not None and kind != "local":
+            raise ConfigError(f"--workers applies to launcher kind local, not {kind}")
+        if no_wait and kind == "local":
+            raise ConfigError("--no-wait applies to submitted jobs: add --launcher slurm (or submitit-local)")
     except MhcLabError as exc:
         fail(exc)
     if dry_run:
@@ -72,21 +98,40 @@ def run(
     try:
         with open_store(exp, out, fresh) as store:
             try:
-                outcome = run_sweep(exp, store, reporter)
+                if kind == "local":
+                    outcome = run_sweep(exp, store, reporter, workers=exp.config.launcher.workers)
+                else:
+                    from .jobs import submit_sweep
+
+                    say = lambda line: console.print(line, highlight=False, soft_wrap=True)  # noqa: E731
+                    outcome = submit_sweep(exp, store, reporter, wait=not no_wait, notify=say)
             finally:
                 reporter.close()
     except MhcLabError as exc:
         fail(exc)
     except KeyboardInterrupt:
-        err_console.print("interrupted: run the same command again to resume")
+        if kind == "local":
+            err_console.print("interrupted: run the same command again to resume")
+        else:
+            err_console.print("stopped waiting: the submitted jobs go on (`mhc-lab ls` shows them); "
+                              "run the same command again to wait for them")
         raise typer.Exit(130)
+    if no_wait:
+        console.print(f"not waiting: `mhc-lab ls {store.root}` shows the jobs; run the same command "
+                      "again to wait for them and print the summary", soft_wrap=True)
+        return
     console.print(summary_table(outcome.summaries, title=f"{exp.config.name} ({store.root})"))
     failed = outcome.count("failed")
     console.print(
         f"{len(outcome.summaries)} runs: {outcome.count('completed')} completed, "
         f"{outcome.count('diverged')} diverged, {failed} failed, {outcome.skipped} already done"
     )
-    if failed:
+    if outcome.in_flight:
+        console.print(f"{len(outcome.in_flight)} runs left alone: submitted jobs are still training them "
+                      f"({', '.join(outcome.in_flight)}); `mhc-lab ls {store.root}` shows them", soft_wrap=True)
+    for line in outcome.lost:
+        err_console.print(line, highlight=False, soft_wrap=True)
+    if failed or outcome.lost:
         raise typer.Exit(1)
 
 
@@ -98,24 +143,32 @@ def list_results(
 
     Example: mhc-lab ls results
     """
+    from .progress import fmt_gain, fmt_loss
     from .runner import run_status
-    from .store import ExperimentStore, list_experiments
+    from .store import ExperimentStore, list_experiments, peak_gain
 
     stores = [ExperimentStore(results)] if (results / "experiment.yaml").exists() else list_experiments(results)
     if not stores:
         fail(MhcLabError(f"{results}: no experiments found (run `mhc-lab run FILE` first)"))
     for store in stores:
+        jobs: dict[str, tuple[str, str]] = {}
+        if store.jobs_json.exists():  # runs submitted as jobs: their job's state too
+            from .jobs import submitted_view
+
+            jobs = submitted_view(store)
         table = Table(title=str(store.root))
-        for col in ("run_id", "status", "steps", "peak gain", "final loss"):
+        for col in ("run_id", "status", "steps", "peak gain", "final loss") + (("job",) if jobs else ()):
             table.add_column(col)
-        for rid in store.run_ids():
+        for rid in sorted(set(store.run_ids()) | set(jobs)):
             files = store.run(rid)
             s = files.read_summary() or {}
-            gain = max(s.get("max_gain_fwd") or 0, s.get("max_gain_bwd") or 0) if s else None
+            job_id, job_state = jobs.get(rid, ("-", "-"))
+            status = job_state if job_state in ("submitted", "running") else run_status(files)
             table.add_row(
-                rid, run_status(files), str(s.get("steps_done", "-")),
-                f"{gain:.3g}" if gain else "-",
-                f"{s['final_loss']:.3f}" if s.get("final_loss") is not None else "-",
+                rid, status, str(s.get("steps_done", "-")),
+                fmt_gain(peak_gain(s)),
+                fmt_loss(s.get("final_loss")),
+                *((f"{job_id} {job_state}",) if jobs else ()),
             )
         console.print(table)
 
@@ -136,6 +189,81 @@ def schema(
 
         atomic_write_text(out, text)
         console.print(f"wrote {out}")
+
+
+from enum import Enum  # noqa: E402 - kept with the plot/report commands, which alone use it
+
+
+class FigureFormat(str, Enum):
+    """Image formats `mhc-lab plot` writes."""
+
+    png = "png"
+    svg = "svg"
+    pdf = "pdf"
+
+
+RESULTS_HELP = "Experiment results folder (e.g. results/smoke); default: the most recent under ./results."
+
+
+def _results_view(results: Optional[Path]):
+    """The experiment folder given, or the most recently written one under ./results."""
+    from .results_view import load_view
+    from .store import StoreError, list_experiments
+
+    if results is None:
+        found = list_experiments(Path("results"))
+        if not found:
+            raise StoreError("results: no experiments found here (run `mhc-lab run FILE` first, or give a folder)")
+        results = found[0].root
+    return load_view(results)
+
+
+def _say(line: str) -> None:
+    console.print(line, style="dim" if line.startswith("skipped") else None, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def plot(
+    results: Annotated[Optional[Path], typer.Argument(help=RESULTS_HELP, show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write the figures here instead of RESULTS/figures.")] = None,
+    format_: Annotated[FigureFormat, typer.Option("--format", help="Image format.")] = FigureFormat.png,
+) -> None:
+    """Draw the paper's figures from a results folder (reads the results, never trains).
+
+    Example: mhc-lab plot results/smoke --format svg
+    """
+    from .plots import plot_experiment
+
+    try:
+        view = _results_view(results)
+    except MhcLabError as exc:
+        fail(exc)
+    result = plot_experiment(view, out, format_.value, on_event=_say)
+    console.print(f"{len(result.written)} figures written, {len(result.skipped)} skipped ({view.store.root})",
+                  highlight=False, soft_wrap=True)
+
+
+@app.command()
+def report(
+    results: Annotated[Optional[Path], typer.Argument(help=RESULTS_HELP, show_default=False)] = None,
+) -> None:
+    """Write RESULTS/REPORT.md: experiment, environment, runs, gains against the paper, figures.
+
+    Example: mhc-lab report results/smoke
+    """
+    from .report import write_report
+
+    try:
+        view = _results_view(results)
+    except MhcLabError as exc:
+        fail(exc)
+    result = write_report(view)
+    for table in result.tables:
+        console.print(table.rich())
+    for line in result.reading:
+        console.print(f"- {line}", highlight=False)
+    skipped = f", {len(result.figures.skipped)} skipped" if result.figures.skipped else ""
+    console.print(f"wrote {result.path} ({len(result.figures.written)} figures{skipped})", highlight=False, soft_wrap=True)
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -1,7 +1,12 @@
-"""Progress display for `mhc-lab run`: a rich live display on a terminal, plain lines elsewhere."""
+"""Progress display for `mhc-lab run`: a rich live display on a terminal, plain lines elsewhere.
+
+Several runs may be in progress at once (`--workers N`, submitted jobs): every reporter keeps
+its per-run state by run_id, so events of concurrent runs never mix.
+"""
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Optional
 
@@ -9,17 +14,22 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .store import as_float
 from .sweep import PlannedRun
 
 
-def _fmt_gain(x: Optional[float]) -> str:
-    if x is None:
-        return "-"
-    return f"{x:.3g}"
+def fmt_gain(x: object) -> str:
+    """A gain for display; accepts the strings "inf"/"nan" that JSON files hold."""
+    value = as_float(x)
+    return "-" if math.isnan(value) else f"{value:.3g}"
+
+
+def fmt_loss(x: object) -> str:
+    return "-" if x is None or x == "" else f"{as_float(x):.3f}"
 
 
 class RichReporter:
-    """Two bars: the sweep (runs done / total, ETA) and the current run (step, loss, gain)."""
+    """Bars for the sweep (runs done / total, ETA) and for each run in progress (step, loss, gain)."""
 
     def __init__(self, console: Console) -> None:
         self.console = console
@@ -33,27 +43,31 @@ class RichReporter:
             console=console,
         )
         self.sweep_task = None
-        self.run_task = None
-        self.gain = None
+        self.run_tasks: dict[str, object] = {}
+        self.gains: dict[str, Optional[float]] = {}
 
     def sweep_started(self, runs: list[PlannedRun], done: set[str]) -> None:
         self.progress.start()
         self.sweep_task = self.progress.add_task("sweep", total=len(runs), completed=len(done), info=f"{len(done)} already done")
 
     def run_started(self, run: PlannedRun, index: int) -> None:
-        if self.run_task is not None:
-            self.progress.remove_task(self.run_task)
-        self.gain = None
-        self.run_task = self.progress.add_task(run.run_id, total=run.config.train.steps, info="")
+        self.gains[run.run_id] = None
+        self.run_tasks[run.run_id] = self.progress.add_task(run.run_id, total=run.config.train.steps, info="")
 
     def run_event(self, run: PlannedRun, event: dict) -> None:
         if event["event"] == "probe":
-            self.gain = event["peak"]
+            self.gains[run.run_id] = event["peak"]
             return
-        info = f"loss {event['loss']:.3f}  gain {_fmt_gain(self.gain)}"
-        self.progress.update(self.run_task, completed=event["step"] + 1, info=info)
+        task = self.run_tasks.get(run.run_id)
+        if task is None:
+            return
+        info = f"loss {event['loss']:.3f}  gain {fmt_gain(self.gains.get(run.run_id))}"
+        self.progress.update(task, completed=event["step"] + 1, info=info)
 
     def run_finished(self, run: PlannedRun, summary: dict) -> None:
+        task = self.run_tasks.pop(run.run_id, None)
+        if task is not None:
+            self.progress.remove_task(task)
         self.progress.advance(self.sweep_task)
         self.progress.console.print(_finished_line(summary))
 
@@ -69,29 +83,37 @@ class PlainReporter:
         self.every_s = every_s
         self.total = 0
         self.done = 0
-        self.last = 0.0
-        self.gain: Optional[float] = None
+        self.started = 0
+        self.last: dict[str, float] = {}
+        self.gains: dict[str, Optional[float]] = {}
 
     def sweep_started(self, runs: list[PlannedRun], done: set[str]) -> None:
         self.total, self.done = len(runs), len(done)
+        self.started = len(done)
         self.console.print(f"sweep: {len(runs)} runs, {len(done)} already done")
 
     def run_started(self, run: PlannedRun, index: int) -> None:
-        self.gain = None
-        self.last = time.monotonic()
-        self.console.print(f"[{self.done + 1}/{self.total}] {run.run_id}: {run.config.train.steps} steps")
+        self.gains[run.run_id] = None
+        self.last[run.run_id] = time.monotonic()
+        self.started += 1
+        self.console.print(f"[{self.started}/{self.total}] {run.run_id}: {run.config.train.steps} steps")
 
     def run_event(self, run: PlannedRun, event: dict) -> None:
         if event["event"] == "probe":
-            self.gain = event["peak"]
+            self.gains[run.run_id] = event["peak"]
             return
         now = time.monotonic()
-        if now - self.last >= self.every_s:
-            self.last = now
-            self.console.print(f"  step {event['step']}: loss {event['loss']:.3f}, peak gain {_fmt_gain(self.gain)}")
+        if now - self.last.get(run.run_id, 0.0) >= self.every_s:
+            self.last[run.run_id] = now
+            prefix = f"  {run.run_id}" if len(self.last) > 1 else " "
+            self.console.print(
+                f"{prefix} step {event['step']}: loss {event['loss']:.3f}, peak gain {fmt_gain(self.gains.get(run.run_id))}"
+            )
 
     def run_finished(self, run: PlannedRun, summary: dict) -> None:
         self.done += 1
+        self.last.pop(run.run_id, None)
+        self.gains.pop(run.run_id, None)
         self.console.print(_finished_line(summary))
 
     def close(self) -> None:
@@ -104,8 +126,8 @@ def _finished_line(summary: dict) -> str:
         return f"  {summary['run_id']}: failed: {summary.get('reason')}"
     extra = f" at step {summary['diverged_step']} ({summary['reason']})" if status == "diverged" else ""
     return (
-        f"  {summary['run_id']}: {status}{extra}; final loss {summary['final_loss']:.3f}, "
-        f"peak gain fwd {_fmt_gain(summary['max_gain_fwd'])} / bwd {_fmt_gain(summary['max_gain_bwd'])} "
+        f"  {summary['run_id']}: {status}{extra}; final loss {fmt_loss(summary['final_loss'])}, "
+        f"peak gain fwd {fmt_gain(summary['max_gain_fwd'])} / bwd {fmt_gain(summary['max_gain_bwd'])} "
         f"(step {summary['max_gain_step']}, layer {summary['max_gain_layer']}), {summary['wall_s']:.1f}s"
     )
 
@@ -121,10 +143,10 @@ def summary_table(summaries: list[dict], title: str = "runs") -> Table:
         table.add_row(
             s["run_id"], s["connection"], str(s["depth"]), str(s["d_model"]), str(s["n_streams"]),
             f"{s['lr']:g}", str(s["seed"]), s["status"],
-            f"{s['final_loss']:.3f}" if finished else "-",
-            f"{s['final_val_loss']:.3f}" if finished else "-",
-            _fmt_gain(s.get("max_gain_fwd")) if finished else "-",
-            _fmt_gain(s.get("max_gain_bwd")) if finished else "-",
+            fmt_loss(s['final_loss']) if finished else "-",
+            fmt_loss(s['final_val_loss']) if finished else "-",
+            fmt_gain(s.get("max_gain_fwd")) if finished else "-",
+            fmt_gain(s.get("max_gain_bwd")) if finished else "-",
             str(s.get("max_gain_step", "-")), str(s.get("max_gain_layer", "-")),
             f"{s['wall_s']:.1f}" if finished else "-",
         )

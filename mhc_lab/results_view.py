@@ -24,7 +24,7 @@ import numpy as np
 import yaml
 
 from .config import CONNECTIONS, IRRELEVANT_MODEL_FIELDS
-from .store import ExperimentStore, RunFiles, StoreError, as_float, open_results, read_jsonl
+from .store import ExperimentStore, RunFiles, StoreError, as_float, open_results, read_jsonl, peak_gain
 
 CONNECTION = "model.connection"
 SEED = "seed"
@@ -128,9 +128,7 @@ class RunView:
     @property
     def peak_gain(self) -> float:
         """The run's headline: largest composite gain, forward or backward (nan if none)."""
-        values = [self.number("max_gain_fwd"), self.number("max_gain_bwd")]
-        values = [v for v in values if not math.isnan(v)]
-        return max(values) if values else float("nan")
+        return peak_gain(self.summary)
 
     @cached_property
     def metrics(self) -> list[dict]:

@@ -3,6 +3,9 @@
 A run is done when its summary.json exists with status `completed` or `diverged`; a `failed`
 run is tried again. An interrupted run resumes from its last checkpoint (train.py). One
 process at a time per results folder (a lock beside it); `fresh` moves an old folder aside.
+Runs train one after another here, several at once with `workers` (parallel.py), as submitted
+jobs (jobs.py) or data-parallel over several processes (distributed.py); all of them train a
+run through `execute_run`, so the files are the same whichever way a run was trained.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Protocol
+from typing import Callable, Iterator, Optional, Protocol
 
 import yaml
 
@@ -49,6 +52,9 @@ class SweepOutcome:
 
     summaries: list[dict] = field(default_factory=list)
     skipped: int = 0
+    in_flight: list[str] = field(default_factory=list)  # runs a submitted job is still training
+    submitted: dict[str, str] = field(default_factory=dict)  # run_id -> job id (jobs.py)
+    lost: list[str] = field(default_factory=list)  # jobs that ended without a result, one line each
 
     def count(self, status: str) -> int:
         return sum(1 for s in self.summaries if s.get("status") == status)
@@ -89,9 +95,29 @@ def open_store(exp: Experiment, out: Path, fresh: bool = False) -> Iterator[Expe
 @contextmanager
 def lock_folder(out: Path, name: str) -> Iterator[None]:
     """An exclusive lock on `<out>/.<name>.lock` (beside the folder, so --fresh can move it)."""
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # e.g. --out names an existing file
+        raise StoreError(f"{out}: cannot create the results folder: {exc.strerror}") from None
+    if (out / name).exists() and not (out / name).is_dir():
+        raise StoreError(f"{out / name}: exists and is not a folder; choose another --out or name")
     with exclusive_lock(out / f".{name}.lock", out / name):
         yield
+
+
+def plan_sweep(
+    exp: Experiment, store: ExperimentStore, only: Optional[set[str]] = None
+) -> tuple[list[PlannedRun], set[str], list[str]]:
+    """The runs to train now (done ones included, to be skipped), the ids of the done ones, and
+    the ids left out because a submitted job is still training them (never train a run twice)."""
+    runs = [r for r in exp.runs if only is None or r.run_id in only]
+    done = {r.run_id for r in runs if run_status(store.run(r.run_id)) in DONE}
+    busy: set[str] = set()
+    if store.jobs_json.exists():
+        from .jobs import live_job_runs
+
+        busy = live_job_runs(store) - done
+    return [r for r in runs if r.run_id not in busy], done, sorted(busy)
 
 
 def run_sweep(
@@ -99,13 +125,20 @@ def run_sweep(
     store: ExperimentStore,
     reporter: Optional[Reporter] = None,
     only: Optional[set[str]] = None,
+    workers: int = 1,
 ) -> SweepOutcome:
-    """Train every planned run that is not done yet (or only those in `only`)."""
+    """Train every planned run that is not done yet (or only those in `only`).
+
+    With `workers` > 1, that many runs train at once in separate processes (parallel.py);
+    files, resume and progress events are the same as with one."""
+    if workers > 1:
+        from .parallel import run_sweep_parallel
+
+        return run_sweep_parallel(exp, store, reporter, only, workers)
     reporter = reporter or SilentReporter()
-    runs = [r for r in exp.runs if only is None or r.run_id in only]
-    done = {r.run_id for r in runs if run_status(store.run(r.run_id)) in DONE}
+    runs, done, busy = plan_sweep(exp, store, only)
     reporter.sweep_started(runs, done)
-    outcome = SweepOutcome()
+    outcome = SweepOutcome(in_flight=busy)
     all_ids = [r.run_id for r in exp.runs]
     for index, run in enumerate(runs):
         files = store.run(run.run_id)
@@ -122,15 +155,18 @@ def run_sweep(
     return outcome
 
 
-def execute_run(exp: Experiment, run: PlannedRun, files: RunFiles, progress) -> dict:
-    """Train one run into `files`; an exception becomes status `failed` with its message."""
+def execute_run(
+    exp: Experiment, run: PlannedRun, files: RunFiles, progress, train: Callable[..., dict] = train_run
+) -> dict:
+    """Train one run into `files` with `train` (train.train_run, or the data-parallel trainer of
+    distributed.py); an exception becomes status `failed` with its message."""
     files.root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(files.config, yaml.safe_dump(run.config.model_dump(mode="json"), sort_keys=False))
     if not files.checkpoint.exists():  # nothing to resume: start the logs afresh
         for stale in (files.metrics, files.probes, files.error, files.hres):
             stale.unlink(missing_ok=True)
     try:
-        summary = train_run(run.config, files, exp.base_dir, progress)
+        summary = train(run.config, files, exp.base_dir, progress)
     except Exception as exc:  # a run that raises is a result too: recorded, sweep goes on
         atomic_write_text(files.error, traceback.format_exc())
         summary = {

@@ -9,9 +9,12 @@
     <out>/<name>/runs/<run_id>/hres.npz      H_res [layers, tokens, n, n] at the peak and last probe
     <out>/<name>/runs/<run_id>/summary.json  the run's row plus environment and details
     <out>/<name>/runs/<run_id>/checkpoint.pt while a run is unfinished (deleted at its end)
+    <out>/<name>/jobs.json                   submitit jobs: run_id -> job id, cluster, log folder
+    <out>/<name>/jobs/                       submitit's job files and logs (launcher.log_folder)
 
 Whole files are written atomically (temp file + rename); JSONL lines are appended and flushed.
-A run is finished exactly when its summary.json exists.
+A run is finished exactly when its summary.json exists. summary.csv is rebuilt from the runs'
+summary.json files under a lock (`<out>/.<name>.summary.lock`), so concurrent jobs cannot lose rows.
 """
 
 from __future__ import annotations
@@ -91,6 +94,14 @@ def as_float(value: Any) -> float:
     if value is None or value == "":
         return float("nan")
     return float(value)
+
+
+def peak_gain(summary: dict) -> float:
+    """A run's headline gain: the larger of its forward and backward peak composite gains
+    (nan when the run has none, e.g. a failed run)."""
+    values = [as_float(summary.get(k)) for k in ("max_gain_fwd", "max_gain_bwd")]
+    values = [v for v in values if not math.isnan(v)]
+    return max(values) if values else float("nan")
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -173,10 +184,15 @@ class ExperimentStore:
         self.summary_csv = self.root / "summary.csv"
         self.experiment_yaml = self.root / "experiment.yaml"
         self.resolved_yaml = self.root / "resolved.yaml"
+        self.jobs_json = self.root / "jobs.json"
 
     @property
     def name(self) -> str:
         return self.root.name
+
+    def lock_path(self, purpose: str) -> Path:
+        """`<out>/.<name>.<purpose>.lock`: beside the folder, like the run lock (runner.py)."""
+        return self.root.parent / f".{self.name}.{purpose}.lock"
 
     def exists(self) -> bool:
         return self.experiment_yaml.exists()
@@ -197,14 +213,19 @@ class ExperimentStore:
         return ordered + [found[rid] for rid in sorted(found)]
 
     def write_summary_csv(self, run_ids: list[str]) -> None:
-        """summary.csv from the finished runs among `run_ids`, in that order."""
-        rows = [s for rid in run_ids if (s := self.run(rid).read_summary())]
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _csv_cell(row.get(k)) for k in SUMMARY_COLUMNS})
-        atomic_write_text(self.summary_csv, buf.getvalue())
+        """summary.csv from the finished runs among `run_ids`, in that order.
+
+        Read and write happen under a blocking lock: processes that finish runs at the same time
+        (workers, Slurm jobs) each rebuild it after their own summary.json is written, and the
+        last rebuild sees every row."""
+        with blocking_lock(self.lock_path("summary")):
+            rows = [s for rid in run_ids if (s := self.run(rid).read_summary())]
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: _csv_cell(row.get(k)) for k in SUMMARY_COLUMNS})
+            atomic_write_text(self.summary_csv, buf.getvalue())
 
     def read_summary_csv(self) -> list[dict]:
         with open(self.summary_csv, newline="", encoding="utf-8") as f:
@@ -229,6 +250,18 @@ def exclusive_lock(lock_path: Path, folder: Path) -> Iterator[None]:
     finally:
         fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()
+
+
+@contextmanager
+def blocking_lock(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_path`, waiting for other holders (short critical sections)."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _csv_cell(value: Any) -> Any:

@@ -165,15 +165,18 @@ class Trainer:
         """Restore from checkpoint.pt if present; drop log lines written after it."""
         if not self.files.checkpoint.exists():
             return False
-        payload = torch.load(self.files.checkpoint, map_location=self.device, weights_only=False)
+        self.restore(torch.load(self.files.checkpoint, map_location=self.device, weights_only=False))
+        truncate_jsonl(self.files.metrics, self.state.step)
+        truncate_jsonl(self.files.probes, self.state.step)
+        return True
+
+    def restore(self, payload: dict) -> None:
+        """Model, optimiser and run state from a checkpoint's contents."""
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         state = dict(payload["state"])
         peak = PeakTracker(**state.pop("peak"))
         self.state = RunState(**state, peak=peak)
-        truncate_jsonl(self.files.metrics, self.state.step)
-        truncate_jsonl(self.files.probes, self.state.step)
-        return True
 
     # -- measurements ------------------------------------------------------------------
 
@@ -204,7 +207,7 @@ class Trainer:
         lr = learning_rate(t, step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        x, y = (z.to(self.device) for z in training_batch(self.corpus.train, t.batch_size, t.seq_len, self.cfg.seed, step))
+        x, y = self.batch(step)
         start = time.perf_counter()
         with self._autocast():
             _, loss, _ = self.forward(x, y)
@@ -212,12 +215,26 @@ class Trainer:
         loss.backward()
         max_norm = t.grad_clip if t.grad_clip is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
-        loss_value = loss.item()
+        loss_value = self.loss_value(loss)
         if math.isfinite(loss_value) and math.isfinite(grad_norm):
             self.optimizer.step()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return loss_value, grad_norm, time.perf_counter() - start
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training batch `step` on this process's device (data-parallel ranks take a slice)."""
+        t = self.cfg.train
+        x, y = training_batch(self.corpus.train, t.batch_size, t.seq_len, self.cfg.seed, step)
+        return x.to(self.device), y.to(self.device)
+
+    def loss_value(self, loss: torch.Tensor) -> float:
+        """The step's loss as a number (data-parallel ranks average it over ranks)."""
+        return loss.item()
+
+    def open_log(self, path: Path) -> JsonlWriter:
+        """A writer for metrics.jsonl / probes.jsonl (data-parallel ranks other than 0 write none)."""
+        return JsonlWriter(path)
 
     def divergence(self, loss: float, grad_norm: float) -> Optional[str]:
         """Why the run has diverged at this step, or None."""
@@ -235,8 +252,8 @@ class Trainer:
     def run(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         self.load_checkpoint()
-        metrics = JsonlWriter(self.files.metrics)
-        probes = JsonlWriter(self.files.probes)
+        metrics = self.open_log(self.files.metrics)
+        probes = self.open_log(self.files.probes)
         status, reason, diverged_step = "completed", None, None
         session_start = time.perf_counter()
         wall_before = self.state.wall_s
@@ -259,14 +276,14 @@ class Trainer:
                 self.state.tokens += t.batch_size * t.seq_len
                 self.state.train_s += seconds
                 self.state.last_loss = loss
-                if step % t.log_every == 0 or step == t.steps - 1:
+                reason = self.divergence(loss, grad_norm)
+                if step % t.log_every == 0 or step == t.steps - 1 or reason is not None:
                     metrics.write({
                         "step": step, "loss": loss, "grad_norm": grad_norm,
                         "lr": learning_rate(t, step),
                         "tokens_per_s": t.batch_size * t.seq_len / max(seconds, 1e-9),
                     })
                 self.progress({"event": "step", "step": step, "loss": loss, "grad_norm": grad_norm})
-                reason = self.divergence(loss, grad_norm)
                 if reason is not None:
                     status, diverged_step = "diverged", step
                     updated = math.isfinite(loss) and math.isfinite(grad_norm)
@@ -285,7 +302,8 @@ class Trainer:
         """Save hres.npz and return the run's summary row (plus environment and reason)."""
         peak = self.state.peak
         last_step, last_hres = self.last_probe
-        self.files.save_hres(peak.hres.numpy(), peak.step, last_hres.numpy(), last_step)
+        # a checkpoint restored with map_location puts the peak on the device: bring it back
+        self.files.save_hres(peak.hres.cpu().numpy(), peak.step, last_hres.cpu().numpy(), last_step)
         return {
             **config_columns(self.files.run_id, self.cfg),
             "n_params": self.model.n_params(),

@@ -101,3 +101,13 @@ def test_schema_command_prints_the_schema():
     result = cli("schema")
     assert result.exit_code == 0
     assert json.loads(result.output)["properties"]["model"]
+
+
+def test_out_that_is_a_file_gives_one_line(tmp_path):
+    exp = write_experiment(tmp_path)
+    blocker = tmp_path / "results"
+    blocker.write_text("not a folder")
+    result = cli("run", exp, "--out", blocker)
+    assert result.exit_code == 2
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert blocker.read_text() == "not a folder"
