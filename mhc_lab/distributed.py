@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .config import RunConfig
 from .errors import MhcLabError
 from .experiment_file import ConfigError, Experiment, load_experiment
-from .runner import DONE, Reporter, SilentReporter, SweepOutcome, execute_run, open_store, run_status
+from .runner import Reporter, SilentReporter, SweepOutcome, execute_run, open_store, plan_sweep
 from .store import ExperimentStore, JsonlWriter, RunFiles
 from .train import Trainer, pick_device
 
@@ -133,7 +133,8 @@ def run_sweep_data_parallel(
         if rank == 0:
             try:
                 stack.enter_context(open_store(exp, out, fresh))
-                plan[1] = [r.run_id for r in exp.runs if run_status(store.run(r.run_id)) not in DONE]
+                planned, done, _busy = plan_sweep(exp, store, only)  # never a run a job trains
+                plan[1] = [r.run_id for r in planned if r.run_id not in done]
             except MhcLabError as exc:
                 plan[0] = str(exc)
         dist.broadcast_object_list(plan, src=0)

@@ -279,11 +279,19 @@ def _submit(exp: Experiment, store: ExperimentStore, todo: list[PlannedRun]) -> 
     """One job per run, as an array; returns run_id -> submitit job."""
     executor = make_executor(exp, store)
     portable = dataclasses.replace(exp, path=exp.path.resolve())  # jobs may start elsewhere
-    for run in todo:  # a failed run is tried again: its old result must not look like the new one
-        store.run(run.run_id).summary.unlink(missing_ok=True)
+    # A failed run is tried again: its old result must not look like the new one, but it is
+    # only set aside (and put back if the submission fails), never deleted before a job runs.
+    set_aside = []
+    for run in todo:
+        files = store.run(run.run_id)
+        if files.summary.exists():
+            os.replace(files.summary, files.summary.with_name("summary.previous.json"))
+            set_aside.append(files)
     try:
         jobs = executor.map_array(RunJob(), [portable] * len(todo), todo, [str(store.root.resolve())] * len(todo))
     except Exception as exc:  # sbatch refused (bad partition, account, ...): its message
+        for files in set_aside:
+            os.replace(files.summary.with_name("summary.previous.json"), files.summary)
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
         raise MhcLabError(f"submitting {len(todo)} jobs failed: {lines[-1]}") from None
     cluster = CLUSTERS[exp.config.launcher.kind]

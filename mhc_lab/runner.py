@@ -79,6 +79,14 @@ def open_store(exp: Experiment, out: Path, fresh: bool = False) -> Iterator[Expe
     with lock_folder(out, exp.config.name):
         resolved = dump_resolved(exp)
         if fresh and store.root.exists():
+            if store.jobs_json.exists():
+                from .jobs import live_job_runs
+
+                if live_job_runs(store):
+                    raise StoreError(
+                        f"{store.root}: submitted jobs are still training runs of this folder; "
+                        "wait for them (mhc-lab ls) or cancel them before --fresh"
+                    )
             aside = store.root.with_name(f"{store.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
             shutil.move(str(store.root), str(aside))
         if store.resolved_yaml.exists() and store.resolved_yaml.read_text(encoding="utf-8") != resolved:
