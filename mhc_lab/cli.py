@@ -81,6 +81,10 @@ def run(
             raise ConfigError(f"--workers applies to launcher kind local, not {kind}")
         if no_wait and kind == "local":
             raise ConfigError("--no-wait applies to submitted jobs: add --launcher slurm (or submitit-local)")
+        if kind != "local" and not dry_run:  # before anything is written: submitit must be there
+            from .jobs import _submitit
+
+            _submitit()
     except MhcLabError as exc:
         fail(exc)
     if dry_run:
