@@ -270,10 +270,6 @@ def report(
     console.print(f"wrote {result.path} ({len(result.figures.written)} figures{skipped})", highlight=False, soft_wrap=True)
 
 
-def main() -> None:  # pragma: no cover - console entry
-    app()
-
-
 # bench: training-step time of residual, HC and mHC (logic in mhc_lab/bench.py)
 
 

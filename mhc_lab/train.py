@@ -67,26 +67,23 @@ class PeakTracker:
     step: int = 0
     layer: int = 0
     hres: Optional[torch.Tensor] = None
-    fwd: float = float("nan")
-    bwd: float = float("nan")
-    fwd_inf: float = float("nan")
-    bwd_inf: float = float("nan")
+    # largest composite gains over all probes; every run probes at step 0, so they get set
+    fwd: float = float("-inf")
+    bwd: float = float("-inf")
+    fwd_inf: float = float("-inf")
+    bwd_inf: float = float("-inf")
 
     def update(self, step: int, headline: dict, hres: torch.Tensor) -> None:
-        self.fwd_inf = max(headline["max_gain_fwd_inf"], _nan_to(self.fwd_inf, -1.0))
-        self.bwd_inf = max(headline["max_gain_bwd_inf"], _nan_to(self.bwd_inf, -1.0))
-        self.fwd = max(headline["max_gain_fwd"], _nan_to(self.fwd, -1.0))
-        self.bwd = max(headline["max_gain_bwd"], _nan_to(self.bwd, -1.0))
+        self.fwd_inf = max(headline["max_gain_fwd_inf"], self.fwd_inf)
+        self.bwd_inf = max(headline["max_gain_bwd_inf"], self.bwd_inf)
+        self.fwd = max(headline["max_gain_fwd"], self.fwd)
+        self.bwd = max(headline["max_gain_bwd"], self.bwd)
         if headline["max_gain"] > self.gain:
             self.gain, self.step, self.layer = headline["max_gain"], step, headline["max_gain_layer"]
             self.hres = hres
 
     def state(self) -> dict:
         return dict(self.__dict__)
-
-
-def _nan_to(x: float, default: float) -> float:
-    return default if math.isnan(x) else x
 
 
 @dataclass
