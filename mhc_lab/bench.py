@@ -23,6 +23,12 @@ Memory, measured after timing, one extra step per variant:
   storages), counted through torch.autograd.graph.saved_tensors_hooks: exact and
   device-independent, the activation memory that depth and Sinkhorn iterations multiply.
 
+With `compile=True` every variant (the residual and the peer rows too, so the ratios compare
+compiled with compiled) is wrapped in `torch.compile` (default mode, as `train.compile`). The
+first step of each variant, which compiles its forward and backward graphs, is timed on its
+own (`compile_s`) and never counted in the step times; `warmup` further untimed steps follow.
+Dynamo's caches are reset before each width, so every width compiles with static shapes.
+
 The peer is lucidrains' `hyper-connections` package (PyPI 0.4.11, the `peer` extra): its
 HyperConnections and ManifoldConstrainedHyperConnections wrapped around the same sublayers,
 embeddings and head as ours, with its streams folded into the batch dimension as it expects.
@@ -73,6 +79,7 @@ class BenchSettings:
     peer: bool = True  # add the hyper-connections package's rows when it is importable
     device: str = "auto"  # auto | cpu | cuda | mps
     threads: Optional[int] = None  # torch CPU threads during the run; None = leave as is
+    compile: bool = False  # wrap every variant's model in torch.compile before timing
     seed: int = 0
 
     def check(self) -> None:
@@ -111,6 +118,7 @@ class BenchRow:
     peak_mb: Optional[float]  # see module docstring
     saved_mb: float  # tensors saved for backward, MiB
     params: int
+    compile_s: Optional[float] = None  # first (compiling) step in seconds; None when eager
 
 
 def resolve_device(name: str) -> torch.device:
@@ -195,15 +203,22 @@ def _sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def make_step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> Callable[[], None]:
-    """One training step of `model` on a fixed batch: zero_grad, forward, backward, AdamW."""
+def make_step(
+    model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], compile: bool = False
+) -> Callable[[], None]:
+    """One training step of `model` on a fixed batch: zero_grad, forward, backward, AdamW.
+
+    With `compile`, the forward (and through it the backward) runs through torch.compile; the
+    optimiser step stays eager, as in the training loop.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1)
+    forward = torch.compile(model) if compile else model
     idx, targets = batch
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        _, loss, _ = model(idx, targets)
+        _, loss, _ = forward(idx, targets)
         loss.backward()
         opt.step()
 
@@ -276,6 +291,20 @@ def measure_memory(step: Callable[[], None], device: torch.device) -> tuple[Opti
     return peak, sum(storages.values()) / mib
 
 
+def _compile(
+    step: Callable[[], None], device: torch.device, variant: str, progress: Optional[Callable[[str], None]]
+) -> float:
+    """Run the first step of a compiled model, which compiles it; its wall time in seconds."""
+    _sync(device)
+    start = time.perf_counter()
+    step()
+    _sync(device)
+    seconds = time.perf_counter() - start
+    if progress:
+        progress(f"{variant}: compiled in {seconds:.1f} s")
+    return seconds
+
+
 def run_bench(settings: BenchSettings, progress: Optional[Callable[[str], None]] = None) -> list[BenchRow]:
     """Measure every variant at every width; rows in (d_model, variant) order."""
     settings.check()
@@ -300,8 +329,11 @@ def _run_bench(settings: BenchSettings, progress: Optional[Callable[[str], None]
             progress(f"d_model {d_model}: building {', '.join(variants)}")
         tokens = torch.randint(0, 256, (settings.batch, settings.seq_len + 1), generator=gen)
         batch = (tokens[:, :-1].to(device), tokens[:, 1:].to(device))  # (B, T) inputs, targets
+        if settings.compile:
+            torch._dynamo.reset()  # fresh caches: static shapes for this width, no cache limit
         models = {v: build_variant(v, d_model, settings, device) for v in variants}
-        steps = {v: make_step(m, batch) for v, m in models.items()}
+        steps = {v: make_step(m, batch, settings.compile) for v, m in models.items()}
+        compile_s = {v: _compile(steps[v], device, v, progress) for v in variants} if settings.compile else {}
         for _ in range(settings.warmup):
             for v in variants:
                 steps[v]()
@@ -329,6 +361,7 @@ def _run_bench(settings: BenchSettings, progress: Optional[Callable[[str], None]
                     peak_mb=peak,
                     saved_mb=saved,
                     params=sum(p.numel() for p in models[v].parameters()),
+                    compile_s=compile_s.get(v),
                 )
             )
         del models, steps
@@ -375,27 +408,23 @@ def render_table(rows: list[BenchRow], settings: BenchSettings) -> Table:
     from rich.table import Table
 
     env = environment(settings)
+    mode = "torch.compile, " if settings.compile else ""
     table = Table(
-        title=f"Step time (fwd + bwd + AdamW), depth {settings.depth}, n {settings.n_streams}, "
+        title=f"Step time (fwd + bwd + AdamW), {mode}depth {settings.depth}, n {settings.n_streams}, "
         f"batch {settings.batch} x {settings.seq_len}, {env['device']}, "
         f"{env['threads']} threads, torch {env['torch']}",
         caption=f"median of {settings.steps} interleaved repetitions after {settings.warmup} "
         "warm-up steps; ratio = median per-repetition ratio to residual; peak = step peak "
-        "above resident memory; saved = tensors saved for backward",
+        "above resident memory; saved = tensors saved for backward"
+        + ("; compile s = the first, compiling step (not in the times)" if settings.compile else ""),
     )
-    for name, justify in [
-        ("d_model", "right"),
-        ("variant", "left"),
-        ("median ms", "right"),
-        ("min ms", "right"),
-        ("x residual", "right"),
-        ("peak MiB", "right"),
-        ("saved MiB", "right"),
-        ("params", "right"),
-    ]:
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    columns = ["d_model", "variant", "median ms", "min ms", "x residual", "peak MiB", "saved MiB", "params"]
+    if settings.compile:
+        columns.append("compile s")
+    for name in columns:
+        table.add_column(name, justify="left" if name == "variant" else "right")
     for r in rows:
-        table.add_row(
+        cells = [
             str(r.d_model),
             r.variant,
             f"{r.median_ms:.1f}",
@@ -404,5 +433,8 @@ def render_table(rows: list[BenchRow], settings: BenchSettings) -> Table:
             "n/a" if r.peak_mb is None else f"{r.peak_mb:.1f}",
             f"{r.saved_mb:.1f}",
             f"{r.params:,}",
-        )
+        ]
+        if settings.compile:
+            cells.append("n/a" if r.compile_s is None else f"{r.compile_s:.1f}")
+        table.add_row(*cells)
     return table

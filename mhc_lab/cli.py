@@ -293,6 +293,14 @@ def bench(
     peer: Annotated[
         bool, typer.Option("--peer/--no-peer", help="Add rows for the hyper-connections package if installed.")
     ] = True,
+    compile_: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="Wrap every variant (residual and peer rows too) in torch.compile; the first, "
+            "compiling step is timed separately (compile s), not in the step times.",
+        ),
+    ] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON (rows and environment) instead of a table.")] = False,
 ) -> None:
     """Time training steps (forward, backward, AdamW) of residual, HC and mHC models, interleaved.
@@ -313,6 +321,7 @@ def bench(
         peer=peer,
         device=device,
         threads=threads,
+        compile=compile_,
     )
     try:
         rows = run_bench(settings, progress=lambda line: err_console.print(line, style="dim", highlight=False))

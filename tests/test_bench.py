@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from mhc_lab.bench import BenchRow, BenchSettings, peer_available, render_table, run_bench, to_json
@@ -36,7 +37,10 @@ def test_rows_and_json_are_well_formed():
     assert doc["environment"]["settings"]["d_models"] == [16]
     assert doc["environment"]["threads"] == 1
     assert [r["variant"] for r in doc["rows"]] == ["residual", "hc", "mhc"]
-    assert set(doc["rows"][0]) == {"variant", "d_model", "median_ms", "min_ms", "ratio", "peak_mb", "saved_mb", "params"}
+    assert set(doc["rows"][0]) == {
+        "variant", "d_model", "median_ms", "min_ms", "ratio", "peak_mb", "saved_mb", "params", "compile_s"
+    }
+    assert all(r["compile_s"] is None for r in doc["rows"])  # eager by default
     assert render_table(rows, settings).row_count == 3
 
 
@@ -54,6 +58,43 @@ def test_peer_rows_when_installed():
 def test_bad_settings_name_the_option(bad, option):
     with pytest.raises(MhcLabError, match=option):
         run_bench(BenchSettings(**{**TINY, **bad}))
+
+
+def _fake_compile(monkeypatch) -> list[torch.nn.Module]:
+    """Replace torch.compile by a recording identity: a real compile takes 10-20 s per model
+    on a cold cache, too slow for a unit test (`mhc-lab bench --compile` was checked by hand,
+    BENCHMARKS.md). Returns the list of compiled models."""
+    compiled: list[torch.nn.Module] = []
+
+    def fake(model: torch.nn.Module) -> torch.nn.Module:
+        compiled.append(model)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake)
+    return compiled
+
+
+def test_compile_wraps_every_variant_and_times_the_first_step_apart(monkeypatch):
+    compiled = _fake_compile(monkeypatch)
+    settings = BenchSettings(**TINY, peer=peer_available(), threads=1, compile=True)
+    rows = run_bench(settings)
+    variants = ["residual", "hc", "mhc", *(["peer-hc", "peer-mhc"] if peer_available() else [])]
+    _check_rows(rows, variants)
+    assert len(compiled) == len(variants)  # the residual too: the ratios compare like with like
+    assert all(r.compile_s is not None and r.compile_s > 0 for r in rows)
+    table = render_table(rows, settings)
+    assert table.row_count == len(variants) and table.columns[-1].header == "compile s"
+
+
+def test_cli_bench_compile_flag(monkeypatch):
+    compiled = _fake_compile(monkeypatch)
+    args = ["bench", "--d-model", "16", "--depth", "1", "--n-streams", "2", "--steps", "1", "--warmup", "0",
+            "--batch", "2", "--seq-len", "8", "--sinkhorn-iters", "3", "--no-peer", "--threads", "1"]
+    result = CliRunner().invoke(app, [*args, "--compile", "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["environment"]["settings"]["compile"] is True
+    assert len(compiled) == 3 and all(r["compile_s"] > 0 for r in doc["rows"])
 
 
 def test_cli_bench_json_and_table():
