@@ -58,17 +58,18 @@ def _tokens_last(logits: torch.Tensor) -> torch.Tensor:
     return z.permute(1, 2, 0).contiguous()  # (n_i, n_j, N)
 
 
-def _tokens_first(h: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(n, n, N) -> (..., n, n) with the shape and dtype of `like`."""
+def _tokens_first(h: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """(n, n, N) -> (..., n, n) of the given shape and dtype."""
     # contiguous: batched matmuls with H_res take a slow per-matrix path on odd strides
-    return h.permute(2, 0, 1).contiguous().reshape(like.shape).to(like.dtype)  # (..., n, n)
+    return h.permute(2, 0, 1).contiguous().reshape(shape).to(dtype)  # (..., n, n)
 
 
 def _iterate(z: torch.Tensor, iters: int, trace: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
     """H after `iters` >= 1 iterations, for logits z: (n_i, n_j, N); no autograd.
 
-    With `trace`, appends what the backward pass needs: the column-softmax P of the first
-    iteration, then every later half-step's output Y and its normaliser s (Y = X / s).
+    With `trace`, appends what the backward pass needs: the output of every normalisation,
+    in order (the first column step's P = softmax_i(z), then the first row step's H1, then
+    every later half-step's). Without it, the later half-steps run in place.
     """
     log_p = torch.log_softmax(z, dim=0)  # (n, n, N): first column step, columns sum to 1
     h = torch.softmax(log_p, dim=1)  # first row step, still from the log domain
@@ -78,9 +79,10 @@ def _iterate(z: torch.Tensor, iters: int, trace: Optional[list[torch.Tensor]] = 
     for _ in range(iters - 1):
         for dim in (0, 1):  # column normalisation (sum over i), then row (sum over j)
             s = h.sum(dim, keepdim=True)  # (1, n, N) or (n, 1, N); >= 1/n^2, see docstring
-            h = h / s
-            if trace is not None:
-                trace.append(s)
+            if trace is None:
+                h.div_(s)
+            else:
+                h = h / s
                 trace.append(h)
     return h
 
@@ -88,19 +90,19 @@ def _iterate(z: torch.Tensor, iters: int, trace: Optional[list[torch.Tensor]] = 
 def _iterate_backward(grad_h: torch.Tensor, trace: list[torch.Tensor]) -> torch.Tensor:
     """d loss / d z from d loss / d H and the forward trace, all (n_i, n_j, N).
 
-    Y = X / s, s = sum_d X:      dX = (dY - sum_d(dY * Y)) / s
-    H1 = softmax_j(L1):         dL1 = H1 * (dH1 - sum_j(dH1 * H1))
-    L1 = log_softmax_i(z):      dz = dL1 - P * sum_i(dL1),  P = softmax_i(z)
+    Every step, the two log-domain ones included, is a normalisation Y = X / sum_d X along
+    d = i (column) or j (row): P = exp(z) / sum_i exp(z), H1 = P / sum_j P, then the later
+    half-steps. Written for W = dY * Y (elementwise), its backward is one line,
+
+        dX * X = dY * Y - Y * sum_d(dY * Y),  i.e.  W <- W - Y * sum_d(W),
+
+    and the first step's X is exp(z), whose dX * X is dz: so dz is W after every step.
     """
-    g = grad_h
-    steps = (len(trace) - 2) // 2
-    for k in reversed(range(steps)):
-        s, y = trace[2 + 2 * k], trace[3 + 2 * k]
-        dim = k % 2  # even half-steps are column steps (dim 0)
-        g = (g - (g * y).sum(dim, keepdim=True)) / s
-    p, h1 = trace[0], trace[1]
-    g = h1 * (g - (g * h1).sum(1, keepdim=True))
-    return g - p * g.sum(0, keepdim=True)
+    w = grad_h * trace[-1]  # dH * H
+    for k in reversed(range(len(trace))):
+        dim = k % 2  # trace[0] is a column step (sum over i), then they alternate
+        w.addcmul_(trace[k], w.sum(dim, keepdim=True), value=-1.0)
+    return w
 
 
 class _SinkhornKnopp(torch.autograd.Function):
@@ -113,8 +115,10 @@ class _SinkhornKnopp(torch.autograd.Function):
             h = torch.exp(logits)
             ctx.save_for_backward(h)
             return h
-        ctx.save_for_backward(logits)
-        return _tokens_first(_iterate(_tokens_last(logits), iters), logits)
+        z = _tokens_last(logits)  # (n, n, N)
+        ctx.save_for_backward(z)  # the logits, already in the iterations' layout
+        ctx.shape, ctx.dtype = logits.shape, logits.dtype
+        return _tokens_first(_iterate(z, iters), logits.shape, logits.dtype)
 
     @staticmethod
     def backward(ctx, grad_h: torch.Tensor) -> tuple[Optional[torch.Tensor], None]:  # type: ignore[override]
@@ -122,9 +126,9 @@ class _SinkhornKnopp(torch.autograd.Function):
         if ctx.iters == 0:
             return grad_h * saved, None  # d exp(z) = exp(z) dz
         trace: list[torch.Tensor] = []
-        _iterate(_tokens_last(saved), ctx.iters, trace)
-        g = _iterate_backward(_tokens_last(grad_h).to(trace[0].dtype), trace)
-        return _tokens_first(g, saved), None
+        _iterate(saved, ctx.iters, trace)
+        g = _iterate_backward(_tokens_last(grad_h).to(saved.dtype), trace)
+        return _tokens_first(g, ctx.shape, ctx.dtype), None
 
 
 def sinkhorn_knopp(logits: torch.Tensor, iters: int = 20) -> torch.Tensor:

@@ -90,3 +90,15 @@ def test_non_contiguous_input_and_output_layout():
     out = sinkhorn_knopp(logits, 5)
     assert out.is_contiguous()
     torch.testing.assert_close(out, _plain(logits, 5))
+
+
+@pytest.mark.parametrize("shape", [(6, 1, 1), (1, 4, 4), (3, 4, 4)])
+def test_inputs_are_left_alone(shape):
+    """The iterations and the backward run in place on their own buffers only: logits or
+    gradients that already have the tokens-last layout (n = 1, one token) stay untouched."""
+    logits = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(shape, dtype=torch.float64)
+    before = logits.detach().clone(), grad_out.clone()
+    (g,) = torch.autograd.grad(sinkhorn_knopp(logits, 5), logits, grad_out)
+    torch.testing.assert_close((logits.detach(), grad_out), before, rtol=0, atol=0)
+    torch.testing.assert_close(g, torch.autograd.grad(_plain(logits, 5), logits, grad_out)[0])
