@@ -3,7 +3,8 @@
 The report holds: the experiment (name, description, experiment.yaml), the environment that
 produced it (versions, device, corpus and its sha256), a table of runs, the measured peak gains
 per connection beside the mHC paper's (DESIGN.md section 3) with a plain-worded reading of
-them, the figures (drawn by plots.py when missing or older than the results), and the diverged,
+them, the training stability per run (gradient-norm spikes before clipping, the largest loss
+surge), the figures (drawn by plots.py when missing or older than the results), and the diverged,
 failed and unfinished runs with their step and reason.
 """
 
@@ -15,13 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 from rich.table import Table
 
 from . import __version__
 from .plots import (
     NAMES, PAPER_GAIN, PlotResult, caption, figure_title, fmt_number, is_pair, plot_experiment, representative_runs,
 )
-from .results_view import ExperimentView, RunView, axis_name, describe, short_name
+from .results_view import SPIKE_FACTOR, ExperimentView, RunView, axis_name, describe, short_name
 from .store import as_float, atomic_write_text
 
 REPORT_NAME = "REPORT.md"
@@ -133,6 +135,50 @@ def gains_table(view: ExperimentView) -> TableData:
             PAPER_TEXT[conn],
         ])
     return table
+
+
+STABILITY_DEFINITION = (
+    "Measured from the end of warmup on (the figures show every step). Gradient norms are taken "
+    f"before clipping; a spike is a step above {SPIKE_FACTOR:g}x the run's median gradient norm over "
+    "those steps. The loss rise is the largest excess of the training loss over its running minimum "
+    "(a loss surge; per-batch noise alone gives a few tenths)."
+)
+
+
+def stability_table(view: ExperimentView) -> TableData:
+    """Per run: largest gradient norm, number of spikes, largest loss surge, validation loss."""
+    table = TableData(f"{view.name}: training stability", [
+        "run", "connection", "max grad norm", "@step", "grad spikes", "largest loss rise", "@step",
+        "val loss"], text_columns=2)
+    for run in view.plottable:
+        s = run.stability
+        if s is None:
+            continue
+        table.rows.append([
+            run.run_id, run.connection, fmt_number(s.max_grad_norm), str(s.grad_step), str(s.grad_spikes),
+            f"{s.loss_rise:.2f}", str(s.rise_step), _num(run.summary.get("final_val_loss"), lambda v: f"{v:.3f}"),
+        ])
+    return table
+
+
+def stability_reading(view: ExperimentView) -> list[str]:
+    """Per connection, the medians over its runs of the stability measures and the val loss."""
+    lines = []
+    for conn in view.connections:
+        runs = [r for r in view.plottable if r.connection == conn and r.stability is not None]
+        if not runs:
+            continue
+        med = lambda values: fmt_number(float(np.median(values)))  # noqa: E731
+        val = [as_float(r.summary.get("final_val_loss")) for r in runs]
+        val = [v for v in val if not math.isnan(v)]
+        lines.append(
+            f"{NAMES[conn]} ({len(runs)} runs, medians): largest gradient norm "
+            f"{med([r.stability.max_grad_norm for r in runs])}, gradient-norm spikes "
+            f"{med([r.stability.grad_spikes for r in runs])}, largest loss rise "
+            f"{float(np.median([r.stability.loss_rise for r in runs])):.2f}"
+            + (f", final validation loss {float(np.median(val)):.3f}." if val else ".")
+        )
+    return lines
 
 
 def problems_table(view: ExperimentView) -> TableData:
@@ -279,6 +325,10 @@ def build_report(view: ExperimentView, figures: PlotResult) -> str:
     parts += ["## Peak gain: measured vs the paper\n", gains_table(view).markdown() if view.plottable else
               "No run has gains to report.\n", GAIN_DEFINITION + "\n"]
     parts.append("".join(f"- {line}\n" for line in reading(view)))
+    stable = stability_table(view)
+    if stable.rows:
+        parts += ["## Training stability after warmup: gradient-norm spikes and loss surges\n", stable.markdown(),
+                  STABILITY_DEFINITION + "\n", "".join(f"- {line}\n" for line in stability_reading(view))]
     parts += ["## Figures\n", *_figure_sections(view, figures)]
     problems = problems_table(view)
     parts += ["## Diverged, failed and unfinished runs\n",

@@ -143,6 +143,15 @@ class RunView:
         rows = [m for m in self.metrics if name in m]
         return _arrays(rows, lambda m: m[name])
 
+    @cached_property
+    def stability(self) -> Optional[Stability]:
+        """Gradient-norm spikes and the largest loss surge after warmup (see `Stability`)."""
+        steps, loss = self.metric("loss")
+        _, grad_norm = self.metric("grad_norm")
+        if len(steps) != len(grad_norm):
+            return None
+        return stability(steps, loss, grad_norm, int(self.config.get("train.warmup") or 0))
+
     def probe_series(self, pick) -> tuple[np.ndarray, np.ndarray]:
         """(steps, values) of `pick(probe_record)` over the run's probes."""
         return _arrays(self.probes, pick)
@@ -161,6 +170,47 @@ class RunView:
         """hres.npz: `peak` and `final` H_res [layers, tokens, n, n] with `peak_step` and
         `final_step`; None if the run saved none."""
         return self.files.load_hres() if self.files.hres.exists() else None
+
+
+@dataclass(frozen=True)
+class Stability:
+    """How unsteady one run's training was after warmup, from the steps in its metrics log.
+
+    Only steps from the end of warmup on count (the learning rate at its peak), so the
+    initial descent from ln 256 and its large early gradients are not called spikes.
+
+    - `max_grad_norm` (at `grad_step`): the largest gradient norm before clipping.
+    - `grad_spikes`: steps whose gradient norm exceeds `SPIKE_FACTOR` x the median over these
+      steps.
+    - `loss_rise` (at `rise_step`): the largest rise of the training loss above its running
+      minimum (taken over all earlier steps), max_t (loss_t - min_{s<t} loss_s): a loss surge,
+      whatever level it starts from (batch noise alone gives a few tenths).
+    """
+
+    max_grad_norm: float
+    grad_step: int
+    grad_spikes: int
+    loss_rise: float
+    rise_step: int
+
+
+SPIKE_FACTOR = 10.0
+
+
+def stability(steps: np.ndarray, loss: np.ndarray, grad_norm: np.ndarray, start: int) -> Optional[Stability]:
+    """The `Stability` of a run's per-step logs from step `start` on (None without such steps)."""
+    finite = np.isfinite(loss) & np.isfinite(grad_norm)
+    steps, loss, grad_norm = steps[finite], loss[finite], grad_norm[finite]
+    after = np.nonzero(steps >= start)[0]
+    later = after[after >= 1]  # a rise needs an earlier step
+    if len(later) == 0:
+        return None
+    grads = grad_norm[after]
+    g = after[int(np.argmax(grads))]
+    spikes = int((grads > SPIKE_FACTOR * np.median(grads)).sum())
+    rises = loss[later] - np.minimum.accumulate(loss)[later - 1]
+    r = later[int(np.argmax(rises))]
+    return Stability(float(grad_norm[g]), int(steps[g]), spikes, float(rises.max()), int(steps[r]))
 
 
 def _arrays(rows: Iterable[dict], pick) -> tuple[np.ndarray, np.ndarray]:

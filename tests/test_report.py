@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
+
+from mhc_lab.results_view import stability
 
 from .helpers import cli
 from .results_fixtures import results_folder
@@ -36,6 +39,26 @@ def test_report_compares_gains_with_the_paper(sweep_report):
     for name, paper in (("residual", "1 (by construction)"), ("HC", "≈ 3000"), ("mHC", "≤ ≈ 1.6")):
         assert re.search(rf"^\| {name} \|.*\| {re.escape(paper)} \|$", section, re.M), name
     assert "HC" in output and "≈ 3000" in output  # the key table on the terminal
+
+
+def test_stability_measures_count_only_after_warmup():
+    steps = np.arange(10.0)
+    loss = np.array([5, 4, 3, 3.5, 2, 8, 2, 2, 2, 2], dtype=float)
+    grad = np.array([50, 1, 1, 1, 1, 20, 1, 1, 1, 1], dtype=float)
+    s = stability(steps, loss, grad, start=2)
+    assert (s.max_grad_norm, s.grad_step, s.grad_spikes) == (20.0, 5, 1)
+    assert (s.loss_rise, s.rise_step) == (6.0, 5)  # 8 - min(5, 4, 3, 3.5, 2)
+    whole = stability(steps, loss, grad, start=0)
+    assert (whole.max_grad_norm, whole.grad_step, whole.grad_spikes) == (50.0, 0, 2)
+    assert stability(steps, loss, grad, start=10) is None
+
+
+def test_report_tabulates_training_stability_per_run(sweep_report):
+    folder, text, _ = sweep_report
+    section = text.split("## Training stability after warmup")[1].split("## Figures")[0]
+    for run_id in (p.name for p in (folder / "runs").iterdir()):
+        assert re.search(rf"^\| {re.escape(run_id)} \| \w+ \| [\d.e+]+ \| \d+ \| \d+ \| -?[\d.]+ \| \d+ \|", section, re.M)
+    assert re.search(r"^- mHC \(\d+ runs, medians\): largest gradient norm", section, re.M)
 
 
 def test_report_links_every_figure_relatively(sweep_report):
