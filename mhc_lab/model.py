@@ -103,9 +103,7 @@ class LanguageModel(nn.Module):
         `targets` (or None) and, if `return_hres`, every layer's H_res for every token as
         (L, B*T, n, n) (else None; capturing costs nothing when not asked)."""
         b, t = idx.shape
-        pos = torch.arange(t, device=idx.device)
-        h = self.token_embedding(idx) + self.position_embedding(pos)  # (B, T, C)
-        x = h.unsqueeze(-2).expand(b, t, self.n_streams, h.shape[-1])  # (B, T, n, C): copies
+        x = self._embed(idx)  # (B, T, n, C)
         captured: list[torch.Tensor] = []
         for sublayer, connection in zip(self.sublayers, self.connections):
             x, h_res = connection(x, sublayer)
@@ -117,6 +115,26 @@ class LanguageModel(nn.Module):
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         hres = torch.stack(captured) if return_hres else None  # (L, B*T, n, n)
         return logits, loss, hres
+
+    def _embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token plus position embedding, copied into every stream: (B, T) -> (B, T, n, C)."""
+        b, t = idx.shape
+        pos = torch.arange(t, device=idx.device)
+        h = self.token_embedding(idx) + self.position_embedding(pos)  # (B, T, C)
+        return h.unsqueeze(-2).expand(b, t, self.n_streams, h.shape[-1])  # views of one copy
+
+    @torch.no_grad()
+    def stream_rms(self, idx: torch.Tensor) -> torch.Tensor:
+        """RMS of the hidden state x_l (over tokens, streams and channels) entering each layer
+        l = 0..L-1 and leaving the last one: (L + 1,) float64. The residual signal itself,
+        which the gain metric bounds through H_res alone: with HC it can grow by orders of
+        magnitude while every sublayer's output stays O(1)."""
+        x = self._embed(idx)
+        rms = [x.float().square().mean().sqrt()]
+        for sublayer, connection in zip(self.sublayers, self.connections):
+            x, _ = connection(x, sublayer)
+            rms.append(x.float().square().mean().sqrt())
+        return torch.stack(rms).double().cpu()
 
     def _unembed(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.token_embedding.weight.t()  # tied weights: (B, T, V)

@@ -63,6 +63,7 @@ TITLES = {
     "gain_by_layer": "Gain by layer (paper Fig. 3)",
     "loss_and_grad_norm": "Loss and gradient norm (paper Figs. 2 and 5)",
     "mixing_matrices": "Mixing matrices (paper Fig. 8)",
+    "signal_by_layer": "Residual signal by layer",
     "sweep_heatmap": "Sweep heatmap",
 }
 CAPTIONS = {
@@ -79,6 +80,9 @@ CAPTIONS = {
     "mixing_matrices": "H_res averaged over the probe tokens at the peak probe: first layer, "
     "last layer and the composite product H_{L-1}...H_0 (per token, float64, then averaged), "
     "with row and column sums (the paper's Fig. 8).",
+    "signal_by_layer": "RMS of the hidden state entering each layer (all streams), relative to "
+    "the embedding's, on the probe sequence after the last step (solid) and at step 0 (dotted): "
+    "how far the residual signal itself grew, which the gain metric bounds through H_res.",
     "sweep_heatmap": "Peak composite gain over two swept settings (mean over seeds), one panel "
     "per connection.",
 }
@@ -512,6 +516,31 @@ def fig_gain_by_layer(view: ExperimentView) -> list[tuple[str, Figure]]:
     return [("gain_by_layer", fig)]
 
 
+# -- 3b. the residual signal by layer ------------------------------------------------------
+
+
+def fig_signal_by_layer(view: ExperimentView) -> list[tuple[str, Figure]]:
+    chosen = representative_runs(view, ("hc", "mhc", "residual"))
+    chosen = {c: r for c, r in chosen.items() if r.probes and "stream_rms" in r.probes[-1]}
+    if not chosen:
+        raise Skip("no probe recorded the stream RMS (results written before it was measured)")
+    fig, axes = new_figure(1, 1, (6.4, 3.6))
+    ax = axes[0, 0]
+    for conn, run in chosen.items():
+        for probe, style in ((run.probes[0], ":"), (run.probes[-1], "-")):
+            rms = np.array([as_float(v) for v in probe["stream_rms"]])
+            draw_band(ax, aggregate([(np.arange(len(rms)), rms / rms[0])]), conn, style, marker="")
+    ax.set_xlabel("layer index l (the state entering layer l; the last point leaves the last layer)", fontsize=8.5)
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    gain_axis(ax, "RMS(x_l) / RMS(x_0)")
+    steps = sorted({r.probes[-1]["step"] for r in chosen.values()})
+    finish(fig, view, "the residual signal by layer",
+           [representative_note(view, {c: r for c, r in chosen.items() if c != "residual"} or chosen)
+            + ", and the residual at its settings and seed",
+            f"solid: after step {'/'.join(map(str, steps))}; dotted: step 0"], chosen)
+    return [("signal_by_layer", fig)]
+
+
 # -- 4. loss and gradient norm -------------------------------------------------------------
 
 METRIC_LABELS = {
@@ -739,6 +768,7 @@ FIGURES: tuple[tuple[str, Builder], ...] = (
     ("gain_by_layer", fig_gain_by_layer),
     ("loss_and_grad_norm", fig_loss_and_grad),
     ("mixing_matrices", fig_mixing_matrices),
+    ("signal_by_layer", fig_signal_by_layer),
     ("sweep_heatmap", fig_sweep_heatmaps),
 )
 

@@ -98,6 +98,7 @@ RUN_COLUMNS: tuple[tuple[str, str, Callable[[RunView], str]], ...] = (
     ("max_gain_bwd", "peak gain bwd", lambda r: _num(r.summary.get("max_gain_bwd"))),
     ("max_gain_step", "@step", lambda r: _num(r.summary.get("max_gain_step"), lambda v: f"{v:g}")),
     ("max_gain_layer", "@layer", lambda r: _num(r.summary.get("max_gain_layer"), lambda v: f"{v:g}")),
+    ("max_signal_growth", "signal growth", lambda r: _num(r.summary.get("max_signal_growth"))),
     ("wall_s", "wall s", lambda r: _num(r.summary.get("wall_s"), lambda v: f"{v:.1f}")),
 )
 SUMMARY_KEYS = {"model.depth", "model.d_model", "model.n_streams", "model.sinkhorn_iters", "train.lr"}
@@ -229,6 +230,12 @@ def reading(view: ExperimentView) -> list[str]:
     if best.get("residual") and not math.isclose(best["residual"].peak_gain, 1.0, rel_tol=1e-6):
         lines.append(f"The residual baseline's gain is {fmt_number(best['residual'].peak_gain)}, "
                      "not 1: with n = 1 and H_res = 1 it must be exactly 1, so check the probe.")
+    growth = {c: [r.number("max_signal_growth") for r in view.plottable if r.connection == c] for c in view.connections}
+    growth = {c: [g for g in v if not math.isnan(g)] for c, v in growth.items()}
+    if any(growth.values()):
+        lines.append("The residual signal itself (RMS of the hidden state over the embedding's, largest over "
+                     "layers and probes) grew at most " + ", ".join(
+                         f"{fmt_number(max(v))}x for {NAMES[c]}" for c, v in growth.items() if v) + ".")
     pair = representative_runs(view)
     if is_pair(view, pair) and pair["mhc"].peak_gain > 0:
         ratio = pair["hc"].peak_gain / pair["mhc"].peak_gain

@@ -72,6 +72,7 @@ class PeakTracker:
     bwd: float = float("-inf")
     fwd_inf: float = float("-inf")
     bwd_inf: float = float("-inf")
+    signal: float = float("-inf")  # largest stream RMS over the embedding's (signal_growth)
 
     def update(self, step: int, headline: dict, hres: torch.Tensor) -> None:
         self.fwd_inf = max(headline["max_gain_fwd_inf"], self.fwd_inf)
@@ -113,6 +114,13 @@ def hres_statistics(hres: torch.Tensor) -> dict:
         "row_sum_err": (h.sum(-1) - 1).abs().amax(dim=(1, 2)).tolist(),
         "col_sum_err": (h.sum(-2) - 1).abs().amax(dim=(1, 2)).tolist(),
     }
+
+
+def signal_growth(stream_rms: torch.Tensor) -> float:
+    """Largest RMS of the hidden state over the layers, relative to the embedding's (layer 0's
+    input): how far the residual signal itself grew. Residual: the sum of L sublayer outputs;
+    HC: also multiplied by the composite H_res; mHC: mixed by doubly stochastic matrices."""
+    return float(stream_rms.max() / stream_rms[0])
 
 
 class Trainer:
@@ -188,13 +196,17 @@ class Trainer:
         with self._autocast():
             val_loss = sum(self.model(x, y)[1].item() for x, y in self.val) / len(self.val)
             _, _, hres = self.model(self.probe_x, return_hres=True)  # (L, T, n, n)
+            streams = self.model.stream_rms(self.probe_x)  # (L + 1,)
         self.model.train()
+        signal = signal_growth(streams)
+        self.state.peak.signal = max(signal, self.state.peak.signal)
         hres = hres.float().cpu()
         metrics = gain_metrics(hres)
         self.state.peak.update(step, metrics["headline"], hres)
         self.last_probe = (step, hres)
         self.state.last_val_loss = val_loss
-        record = {"step": step, "val_loss": val_loss, **metrics, "hres": hres_statistics(hres)}
+        record = {"step": step, "val_loss": val_loss, **metrics, "hres": hres_statistics(hres),
+                  "stream_rms": streams.tolist(), "signal_growth": signal}
         writer.write(record)
         return record
 
@@ -314,6 +326,7 @@ class Trainer:
             "max_gain_layer": peak.layer,
             "max_gain_fwd_inf": peak.fwd_inf,
             "max_gain_bwd_inf": peak.bwd_inf,
+            "max_signal_growth": peak.signal,
             "diverged_step": diverged_step,
             "reason": reason,
             "wall_s": round(self.state.wall_s, 3),

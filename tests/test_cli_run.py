@@ -44,6 +44,10 @@ def test_sweep_writes_the_results_store(tmp_path):
                     for agg in ("mean", "max"):
                         assert len(probes[-1][kind][d][k][agg]) == layers
         assert probes[0]["headline"]["max_gain"] == pytest.approx(1.0, abs=1e-6)  # mHC: float32 Sinkhorn
+        for p in probes:
+            assert len(p["stream_rms"]) == layers + 1
+            assert p["signal_growth"] == pytest.approx(max(p["stream_rms"]) / p["stream_rms"][0])
+        assert float(row["max_signal_growth"]) == pytest.approx(max(p["signal_growth"] for p in probes))
         with np.load(run_dir / "hres.npz") as z:
             n = int(row["n_streams"])
             assert z["peak"].shape == z["final"].shape == (layers, 16, n, n)

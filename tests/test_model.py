@@ -224,3 +224,52 @@ def test_initialisation_is_deterministic_from_seed():
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(pa, pb), name
     assert not torch.equal(a.token_embedding.weight, c.token_embedding.weight)
+
+
+def _silence_sublayers(model) -> None:
+    """Zero every sublayer's output projection: F(x) = 0, so x_{l+1} = H_res_l x_l."""
+    with torch.no_grad():
+        for sublayer in model.sublayers:
+            sublayer.inner.proj.weight.zero_()
+
+
+def test_stream_rms_of_hc_at_init_equals_the_residual_models():
+    eps = 1e-12
+    residual = build_model(tiny_model_config(connection="residual", norm_eps=eps), SEQ, seed=0)
+    hc = build_model(tiny_model_config(connection="hc", n_streams=4, norm_eps=eps), SEQ, seed=1)
+    _copy_shared_weights(residual, hc)
+    idx = _tokens()
+    rms_res, rms_hc = residual.stream_rms(idx), hc.stream_rms(idx)
+    assert rms_res.shape == (2 * 2 + 1,) and rms_res.dtype == torch.float64
+    assert torch.allclose(rms_res, rms_hc, rtol=1e-5)
+    assert not torch.allclose(rms_res[1:], rms_res[:1].expand(4))  # the sublayers add to it
+
+
+def test_stream_rms_grows_by_the_composite_gain_of_a_scaled_hc_identity():
+    from mhc_lab.train import signal_growth
+
+    model = build_model(tiny_model_config(connection="hc", n_streams=4, depth=3), SEQ, seed=0)
+    _silence_sublayers(model)
+    with torch.no_grad():
+        for conn in model.connections:
+            conn.static_alpha[:, 1:] *= 1.5  # A_r = 1.5 I: every layer scales the streams by 1.5
+    rms = model.stream_rms(_tokens())
+    assert torch.allclose(rms / rms[0], 1.5 ** torch.arange(7, dtype=torch.float64), rtol=1e-5)
+    assert signal_growth(rms) == pytest.approx(1.5 ** 6, rel=1e-5)
+
+
+def test_doubly_stochastic_mixing_never_grows_the_signal_where_hc_mixing_does():
+    """H_res doubly stochastic has spectral norm 1, so mHC's mixing (F = 0) cannot raise the
+    RMS of any stream state, whatever the logits; HC's unconstrained H_res can."""
+    from mhc_lab.connections import HyperConnection, ManifoldHyperConnection
+
+    x = torch.randn(2, 32, 4, 16, generator=torch.Generator().manual_seed(0))
+    zero = lambda h: torch.zeros_like(h)  # noqa: E731
+    mhc, hc = ManifoldHyperConnection(16, 4, 0), HyperConnection(16, 4, 0)
+    with torch.no_grad():
+        mhc.bias_res.normal_(0.0, 2.0)
+        mhc.dynamic_phi.normal_(0.0, 1.0)
+        hc.static_alpha[:, 1:].normal_(0.0, 1.0)
+        rms = lambda z: z.square().mean(dim=(-2, -1)).sqrt()  # noqa: E731  per token
+        assert torch.all(rms(mhc(x, zero)[0]) <= rms(x) * (1 + 1e-4))
+        assert torch.any(rms(hc(x, zero)[0]) > 1.2 * rms(x))

@@ -17,7 +17,9 @@ from mhc_lab.results_view import load_view
 from .helpers import cli
 from .results_fixtures import copy_results, results_folder
 
-SWEEP_FIGURES = ("gain_vs_step", "gain_vs_scale", "gain_by_layer", "loss_and_grad_norm", "mixing_matrices")
+SWEEP_FIGURES = (
+    "gain_vs_step", "gain_vs_scale", "gain_by_layer", "loss_and_grad_norm", "mixing_matrices", "signal_by_layer",
+)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -47,7 +49,7 @@ def test_every_figure_of_the_sweep_is_a_valid_image(sweep, plotted):
         assert_png(path)
         assert str(path) in plotted.output.replace("\n", "")
     assert "skipped sweep_heatmap" in plotted.output  # depth is the only numeric axis
-    assert "5 figures written, 1 skipped" in plotted.output
+    assert "6 figures written, 1 skipped" in plotted.output
 
 
 def test_the_sweep_axes_and_groups_come_from_the_resolved_configs(sweep):
@@ -119,6 +121,21 @@ def test_non_finite_gains_do_not_crash_plotting(tmp_path, tmp_path_factory):
     result = cli("plot", folder)
     assert result.exit_code == 0, result.output
     assert_png(folder / "figures" / "mixing_matrices.png")
+
+
+def test_signal_figure_is_skipped_for_results_without_stream_rms(tmp_path, tmp_path_factory):
+    """Results written before the stream RMS was measured still plot; that figure says why not."""
+    folder = copy_results(results_folder("single", tmp_path_factory), tmp_path)
+    for run in (folder / "runs").iterdir():
+        if (run / "probes.jsonl").exists():
+            probes = [json.loads(line) for line in (run / "probes.jsonl").read_text().splitlines()]
+            for p in probes:
+                p.pop("stream_rms")
+            (run / "probes.jsonl").write_text("".join(json.dumps(p) + "\n" for p in probes))
+    result = cli("plot", folder)
+    assert result.exit_code == 0, result.output
+    assert "skipped signal_by_layer: no probe recorded the stream RMS" in result.output
+    assert_png(folder / "figures" / "gain_by_layer.png")
 
 
 def test_composite_product_matches_the_gain_module():

@@ -64,7 +64,7 @@ def test_report_tabulates_training_stability_per_run(sweep_report):
 def test_report_links_every_figure_relatively(sweep_report):
     folder, text, _ = sweep_report
     figures = sorted(p.name for p in (folder / "figures").glob("*.png"))
-    assert len(figures) == 5
+    assert len(figures) == 6
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert sorted(links) == [f"figures/{name}" for name in figures]
     assert "sweep_heatmap: no two numeric settings" in text  # the skipped figure is named
