@@ -16,7 +16,7 @@ def test_hc_gain_grows_from_one_while_mhc_stays_bounded_and_residual_is_one(tmp_
     shipped = yaml.safe_load((ROOT / "experiments" / "divergence.yaml").read_text())
     shipped["sweep"] = {"grid": {"model.connection": ["residual", "hc", "mhc"]}}
     shipped["model"].update(d_model=16, heads=2)  # the shipped depth: the growth needs it
-    shipped["train"].update(steps=16, warmup=4, batch_size=4, seq_len=16, threads=1)
+    shipped["train"].update(steps=24, warmup=4, batch_size=4, seq_len=16, threads=1)
     shipped["probe"].update(every=4, val_batches=1)
     shipped["data"]["max_bytes"] = 200_000
     path = tmp_path / "short.yaml"
