@@ -173,7 +173,7 @@ def stability_reading(view: ExperimentView) -> list[str]:
         val = [as_float(r.summary.get("final_val_loss")) for r in runs]
         val = [v for v in val if not math.isnan(v)]
         lines.append(
-            f"{NAMES[conn]} ({len(runs)} runs, medians): largest gradient norm "
+            f"{NAMES[conn]} ({len(runs)} run{'s, medians' if len(runs) > 1 else ''}): largest gradient norm "
             f"{med([r.stability.max_grad_norm for r in runs])}, gradient-norm spikes "
             f"{med([r.stability.grad_spikes for r in runs])}, largest loss rise "
             f"{float(np.median([r.stability.loss_rise for r in runs])):.2f}"
@@ -235,7 +235,9 @@ def reading(view: ExperimentView) -> list[str]:
     if any(growth.values()):
         lines.append("The residual signal itself (RMS of the hidden state over the embedding's, largest over "
                      "layers and probes) grew at most " + ", ".join(
-                         f"{fmt_number(max(v))}x for {NAMES[c]}" for c, v in growth.items() if v) + ".")
+                         f"{fmt_number(max(v))}x for {NAMES[c]}" for c, v in growth.items() if v)
+                     + "; the plain residual's own growth (its sublayers' outputs summed onto a small embedding) "
+                     "is the baseline to compare with (figure signal_by_layer).")
     pair = representative_runs(view)
     if is_pair(view, pair) and pair["mhc"].peak_gain > 0:
         ratio = pair["hc"].peak_gain / pair["mhc"].peak_gain
