@@ -29,6 +29,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.compiler import is_compiling
 
 from .config import ModelConfig
 from .sinkhorn import sinkhorn_knopp
@@ -48,6 +49,18 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
+def _per_token_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b per token: a (M, P, Q), b (M, Q, R) -> (M, P, R), with P, Q or R small.
+
+    Eager: torch.bmm. Under torch.compile: a broadcast multiply-sum, which Inductor fuses into
+    one loop over the operands; it keeps a bmm as a library call, and batched matmuls of tiny
+    per-token matrices run at a fraction of memory bandwidth (BENCHMARKS.md).
+    """
+    if is_compiling():
+        return (a.unsqueeze(-1) * b.unsqueeze(-3)).sum(-2)  # (M, P, Q, 1) * (M, 1, Q, R)
+    return torch.bmm(a, b)
+
+
 class _StreamRead(torch.autograd.Function):
     """y = R @ x per token, returned as (y[0], y[1:]): the sublayer input and H_res @ x.
 
@@ -58,7 +71,7 @@ class _StreamRead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, read: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         ctx.save_for_backward(x, read)
-        y = torch.bmm(read, x)  # (M, 1 + n, C)
+        y = _per_token_matmul(read, x)  # (M, 1 + n, C)
         # The sublayer saves its input for backward: a view would keep all of y alive.
         return y[:, 0].contiguous(), y[:, 1:]  # (M, C), (M, n, C)
 
@@ -73,8 +86,8 @@ class _StreamRead(torch.autograd.Function):
         grad_y = torch.cat([grad_in.unsqueeze(1), grad_mixed], dim=1)  # (M, 1 + n, C)
         # Under autocast the two gradients and the saved inputs can differ in dtype.
         x, read = x.to(grad_y.dtype), read.to(grad_y.dtype)
-        grad_x = torch.bmm(read.transpose(1, 2), grad_y) if ctx.needs_input_grad[0] else None
-        grad_read = torch.bmm(grad_y, x.transpose(1, 2)) if ctx.needs_input_grad[1] else None
+        grad_x = _per_token_matmul(read.transpose(1, 2), grad_y) if ctx.needs_input_grad[0] else None
+        grad_read = _per_token_matmul(grad_y, x.transpose(1, 2)) if ctx.needs_input_grad[1] else None
         return grad_x, grad_read  # (M, n, C), (M, 1 + n, n)
 
 

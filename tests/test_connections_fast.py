@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mhc_lab import connections
 from mhc_lab.connections import (
     HyperConnection,
     ManifoldHyperConnection,
@@ -117,6 +118,22 @@ def test_hc_matches_reference(n, expanded, dynamic, use_tanh):
 def test_mhc_matches_reference(n, expanded, iters):
     conn = _perturbed(ManifoldHyperConnection(C, n, layer_index=2, sinkhorn_iters=iters), n)
     _check_against_reference(conn, reference_mhc, _x(n, expanded))
+
+
+@pytest.mark.parametrize("kind", ["hc", "mhc"])
+@pytest.mark.parametrize("expanded", [False, True])
+def test_compiled_forms_match_reference(kind, expanded, monkeypatch):
+    """Under torch.compile the per-token matmuls are broadcast multiply-sums (Inductor fuses
+    them): the same checks on that path, taken in eager by pretending to compile."""
+    monkeypatch.setattr(connections, "is_compiling", lambda: True)
+    if kind == "hc":
+        _check_against_reference(_perturbed(HyperConnection(C, 4, layer_index=1), 4), reference_hc, _x(4, expanded))
+    else:
+        conn = _perturbed(ManifoldHyperConnection(C, 4, layer_index=2, sinkhorn_iters=3), 4)
+        _check_against_reference(conn, reference_mhc, _x(4, expanded))
+    gen = torch.Generator().manual_seed(3)
+    x, r = (torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=True) for s in [(5, 3, 4), (5, 4, 3)])
+    assert torch.autograd.gradcheck(lambda x, r: _StreamRead.apply(x, r), (x, r))
 
 
 def test_mix_streams_matches_reference():
