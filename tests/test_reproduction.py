@@ -31,5 +31,5 @@ def test_hc_gain_grows_from_one_while_mhc_stays_bounded_and_residual_is_one(tmp_
     # The growth comes from training: step 0 is exactly 1 for HC, the peak comes later.
     first = store.run(hc["run_id"]).probes.read_text().splitlines()[0]
     assert '"max_gain":1.0' in first
-    assert max(hc["max_gain_fwd"], hc["max_gain_bwd"]) > 2.0 and hc["max_gain_step"] > 0
+    assert max(hc["max_gain_fwd"], hc["max_gain_bwd"]) > 10.0 and hc["max_gain_step"] > 0
     assert max(mhc["max_gain_fwd"], mhc["max_gain_bwd"]) < 1.6
