@@ -330,7 +330,7 @@ def _run_bench(settings: BenchSettings, progress: Optional[Callable[[str], None]
         tokens = torch.randint(0, 256, (settings.batch, settings.seq_len + 1), generator=gen)
         batch = (tokens[:, :-1].to(device), tokens[:, 1:].to(device))  # (B, T) inputs, targets
         if settings.compile:
-            torch._dynamo.reset()  # fresh caches: static shapes for this width, no cache limit
+            torch.compiler.reset()  # fresh caches: static shapes for this width, no cache limit
         models = {v: build_variant(v, d_model, settings, device) for v in variants}
         steps = {v: make_step(m, batch, settings.compile) for v, m in models.items()}
         compile_s = {v: _compile(steps[v], device, v, progress) for v in variants} if settings.compile else {}

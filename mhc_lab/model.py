@@ -128,13 +128,14 @@ class LanguageModel(nn.Module):
         """RMS of the hidden state x_l (over tokens, streams and channels) entering each layer
         l = 0..L-1 and leaving the last one: (L + 1,) float64. The residual signal itself,
         which the gain metric bounds through H_res alone: with HC it can grow by orders of
-        magnitude while every sublayer's output stays O(1)."""
+        magnitude while every sublayer's output stays O(1). Squares are summed in float64, so
+        the RMS of any finite float32 state is finite. A second forward pass, on the probe only."""
         x = self._embed(idx)
-        rms = [x.float().square().mean().sqrt()]
+        rms = [_rms64(x)]
         for sublayer, connection in zip(self.sublayers, self.connections):
             x, _ = connection(x, sublayer)
-            rms.append(x.float().square().mean().sqrt())
-        return torch.stack(rms).double().cpu()
+            rms.append(_rms64(x))
+        return torch.stack(rms).cpu()
 
     def _unembed(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.token_embedding.weight.t()  # tied weights: (B, T, V)
@@ -151,6 +152,11 @@ class LanguageModel(nn.Module):
 
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _rms64(x: torch.Tensor) -> torch.Tensor:
+    """Root mean square of all entries, accumulated in float64 (no overflow of the squares)."""
+    return torch.linalg.vector_norm(x, dtype=torch.float64) / math.sqrt(x.numel())
 
 
 def build_model(cfg: ModelConfig, max_seq_len: int, seed: int) -> LanguageModel:

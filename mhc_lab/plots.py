@@ -520,24 +520,30 @@ def fig_gain_by_layer(view: ExperimentView) -> list[tuple[str, Figure]]:
 
 
 def fig_signal_by_layer(view: ExperimentView) -> list[tuple[str, Figure]]:
-    chosen = representative_runs(view, ("hc", "mhc", "residual"))
-    chosen = {c: r for c, r in chosen.items() if r.probes and "stream_rms" in r.probes[-1]}
-    if not chosen:
+    measured = {c: [p for p in r.probes if "stream_rms" in p]
+                for c, r in representative_runs(view, ("hc", "mhc", "residual")).items()}
+    measured = {c: probes for c, probes in measured.items() if probes}
+    if not measured:
         raise Skip("no probe recorded the stream RMS (results written before it was measured)")
     fig, axes = new_figure(1, 1, (6.4, 3.6))
     ax = axes[0, 0]
-    for conn, run in chosen.items():
-        for probe, style in ((run.probes[0], ":"), (run.probes[-1], "-")):
+    for conn, probes in measured.items():
+        for probe, style in ((probes[0], ":"), (probes[-1], "-")):
             rms = np.array([as_float(v) for v in probe["stream_rms"]])
             draw_band(ax, aggregate([(np.arange(len(rms)), rms / rms[0])]), conn, style, marker="")
     ax.set_xlabel("layer index l (the state entering layer l; the last point leaves the last layer)", fontsize=8.5)
     ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     gain_axis(ax, "RMS(x_l) / RMS(x_0)")
-    steps = sorted({r.probes[-1]["step"] for r in chosen.values()})
+    first = sorted({probes[0]["step"] for probes in measured.values()})
+    last = sorted({probes[-1]["step"] for probes in measured.values()})
+    chosen = representative_runs(view, ("hc", "mhc", "residual"))
+    mixing = {c: r for c, r in chosen.items() if c in measured and c != "residual"}
+    note = representative_note(view, mixing) if mixing else "the residual run"
+    if mixing and "residual" in measured:
+        note += ", and the residual at its settings and seed"
     finish(fig, view, "the residual signal by layer",
-           [representative_note(view, {c: r for c, r in chosen.items() if c != "residual"} or chosen)
-            + ", and the residual at its settings and seed",
-            f"solid: after step {'/'.join(map(str, steps))}; dotted: step 0"], chosen)
+           [note, f"solid: step {'/'.join(map(str, last))}; dotted: step {'/'.join(map(str, first))}"],
+           measured)
     return [("signal_by_layer", fig)]
 
 

@@ -233,11 +233,12 @@ def reading(view: ExperimentView) -> list[str]:
     growth = {c: [r.number("max_signal_growth") for r in view.plottable if r.connection == c] for c in view.connections}
     growth = {c: [g for g in v if not math.isnan(g)] for c, v in growth.items()}
     if any(growth.values()):
+        baseline = ("; the plain residual's own growth (its sublayers' outputs summed onto a small embedding) "
+                    "is the baseline to compare with" if growth.get("residual") else "")
         lines.append("The residual signal itself (RMS of the hidden state over the embedding's, largest over "
                      "layers and probes) grew at most " + ", ".join(
-                         f"{fmt_number(max(v))}x for {NAMES[c]}" for c, v in growth.items() if v)
-                     + "; the plain residual's own growth (its sublayers' outputs summed onto a small embedding) "
-                     "is the baseline to compare with (figure signal_by_layer).")
+                         f"{fmt_number(max(v))} times for {NAMES[c]}" for c, v in growth.items() if v)
+                     + baseline + " (figure signal_by_layer).")
     pair = representative_runs(view)
     if is_pair(view, pair) and pair["mhc"].peak_gain > 0:
         ratio = pair["hc"].peak_gain / pair["mhc"].peak_gain

@@ -174,7 +174,8 @@ class RunView:
 
 @dataclass(frozen=True)
 class Stability:
-    """How unsteady one run's training was after warmup, from the steps in its metrics log.
+    """How unsteady one run's training was after warmup, from the steps in its metrics log
+    (every step by default; with `train.log_every` > 1 only the logged ones count).
 
     Only steps from the end of warmup on count (the learning rate at its peak), so the
     initial descent from ln 256 and its large early gradients are not called spikes.
@@ -198,9 +199,13 @@ SPIKE_FACTOR = 10.0
 
 
 def stability(steps: np.ndarray, loss: np.ndarray, grad_norm: np.ndarray, start: int) -> Optional[Stability]:
-    """The `Stability` of a run's per-step logs from step `start` on (None without such steps)."""
-    finite = np.isfinite(loss) & np.isfinite(grad_norm)
-    steps, loss, grad_norm = steps[finite], loss[finite], grad_norm[finite]
+    """The `Stability` of a run's per-step logs from step `start` on (None without such steps).
+
+    A non-finite loss or gradient norm (a diverged step) counts as infinite: the run's largest
+    gradient norm or loss rise is then inf, at that step.
+    """
+    loss = np.where(np.isfinite(loss), loss, np.inf)
+    grad_norm = np.where(np.isfinite(grad_norm), grad_norm, np.inf)
     after = np.nonzero(steps >= start)[0]
     later = after[after >= 1]  # a rise needs an earlier step
     if len(later) == 0:
@@ -209,6 +214,7 @@ def stability(steps: np.ndarray, loss: np.ndarray, grad_norm: np.ndarray, start:
     g = after[int(np.argmax(grads))]
     spikes = int((grads > SPIKE_FACTOR * np.median(grads)).sum())
     rises = loss[later] - np.minimum.accumulate(loss)[later - 1]
+    rises = np.where(np.isnan(rises), np.inf, rises)  # inf - inf: non-finite from the start
     r = later[int(np.argmax(rises))]
     return Stability(float(grad_norm[g]), int(steps[g]), spikes, float(rises.max()), int(steps[r]))
 

@@ -61,7 +61,9 @@ def environment(device: torch.device, corpus: Corpus) -> dict:
 
 @dataclass
 class PeakTracker:
-    """The probe with the largest composite gain so far, and its H_res."""
+    """The probe with the largest composite gain so far and its H_res, the largest composite
+    gains per direction, and the largest signal growth. A checkpoint written before the signal
+    growth was measured restores `signal` as -inf: the peak then covers the later probes."""
 
     gain: float = -1.0
     step: int = 0
@@ -74,7 +76,9 @@ class PeakTracker:
     bwd_inf: float = float("-inf")
     signal: float = float("-inf")  # largest stream RMS over the embedding's (signal_growth)
 
-    def update(self, step: int, headline: dict, hres: torch.Tensor) -> None:
+    def update(self, step: int, headline: dict, hres: torch.Tensor, signal: float) -> None:
+        if not math.isnan(signal):
+            self.signal = max(signal, self.signal)
         self.fwd_inf = max(headline["max_gain_fwd_inf"], self.fwd_inf)
         self.bwd_inf = max(headline["max_gain_bwd_inf"], self.bwd_inf)
         self.fwd = max(headline["max_gain_fwd"], self.fwd)
@@ -199,10 +203,9 @@ class Trainer:
             streams = self.model.stream_rms(self.probe_x)  # (L + 1,)
         self.model.train()
         signal = signal_growth(streams)
-        self.state.peak.signal = max(signal, self.state.peak.signal)
         hres = hres.float().cpu()
         metrics = gain_metrics(hres)
-        self.state.peak.update(step, metrics["headline"], hres)
+        self.state.peak.update(step, metrics["headline"], hres, signal)
         self.last_probe = (step, hres)
         self.state.last_val_loss = val_loss
         record = {"step": step, "val_loss": val_loss, **metrics, "hres": hres_statistics(hres),

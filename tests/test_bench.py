@@ -64,14 +64,26 @@ def _fake_compile(monkeypatch) -> list[torch.nn.Module]:
     """Replace torch.compile by a recording identity: a real compile takes 10-20 s per model
     on a cold cache, too slow for a unit test (`mhc-lab bench --compile` was checked by hand,
     BENCHMARKS.md). Returns the list of compiled models."""
-    compiled: list[torch.nn.Module] = []
+    compiled: list[_Counted] = []
 
     def fake(model: torch.nn.Module) -> torch.nn.Module:
-        compiled.append(model)
-        return model
+        compiled.append(_Counted(model))
+        return compiled[-1]
 
     monkeypatch.setattr(torch, "compile", fake)
     return compiled
+
+
+class _Counted(torch.nn.Module):
+    """What the fake torch.compile returns: the model, counting the calls that go through it."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.model(*args, **kwargs)
 
 
 def test_compile_wraps_every_variant_and_times_the_first_step_apart(monkeypatch):
@@ -81,6 +93,7 @@ def test_compile_wraps_every_variant_and_times_the_first_step_apart(monkeypatch)
     variants = ["residual", "hc", "mhc", *(["peer-hc", "peer-mhc"] if peer_available() else [])]
     _check_rows(rows, variants)
     assert len(compiled) == len(variants)  # the residual too: the ratios compare like with like
+    assert all(c.calls >= 1 + TINY["steps"] for c in compiled)  # the timed steps run the compiled one
     assert all(r.compile_s is not None and r.compile_s > 0 for r in rows)
     table = render_table(rows, settings)
     assert table.row_count == len(variants) and table.columns[-1].header == "compile s"

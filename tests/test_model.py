@@ -234,9 +234,8 @@ def _silence_sublayers(model) -> None:
 
 
 def test_stream_rms_of_hc_at_init_equals_the_residual_models():
-    eps = 1e-12
-    residual = build_model(tiny_model_config(connection="residual", norm_eps=eps), SEQ, seed=0)
-    hc = build_model(tiny_model_config(connection="hc", n_streams=4, norm_eps=eps), SEQ, seed=1)
+    residual = build_model(tiny_model_config(connection="residual"), SEQ, seed=0)
+    hc = build_model(tiny_model_config(connection="hc", n_streams=4), SEQ, seed=1)
     _copy_shared_weights(residual, hc)
     idx = _tokens()
     rms_res, rms_hc = residual.stream_rms(idx), hc.stream_rms(idx)
@@ -245,17 +244,20 @@ def test_stream_rms_of_hc_at_init_equals_the_residual_models():
     assert not torch.allclose(rms_res[1:], rms_res[:1].expand(4))  # the sublayers add to it
 
 
-def test_stream_rms_grows_by_the_composite_gain_of_a_scaled_hc_identity():
+@pytest.mark.parametrize("scale", [1.5, 1e4])  # 1e4: the state (~1e22) is finite, its square is not
+def test_stream_rms_grows_by_the_composite_gain_of_a_scaled_hc_identity(scale):
     from mhc_lab.train import signal_growth
 
     model = build_model(tiny_model_config(connection="hc", n_streams=4, depth=3), SEQ, seed=0)
     _silence_sublayers(model)
     with torch.no_grad():
         for conn in model.connections:
-            conn.static_alpha[:, 1:] *= 1.5  # A_r = 1.5 I: every layer scales the streams by 1.5
+            conn.static_alpha[:, 1:] *= scale  # A_r = scale I: every layer scales the streams
     rms = model.stream_rms(_tokens())
-    assert torch.allclose(rms / rms[0], 1.5 ** torch.arange(7, dtype=torch.float64), rtol=1e-5)
-    assert signal_growth(rms) == pytest.approx(1.5 ** 6, rel=1e-5)
+    expected = torch.tensor(scale, dtype=torch.float64) ** torch.arange(7, dtype=torch.float64)
+    assert torch.isfinite(rms).all()
+    assert torch.allclose(rms / rms[0], expected, rtol=1e-5)
+    assert signal_growth(rms) == pytest.approx(scale ** 6, rel=1e-5)
 
 
 def test_doubly_stochastic_mixing_never_grows_the_signal_where_hc_mixing_does():

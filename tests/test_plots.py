@@ -138,6 +138,19 @@ def test_signal_figure_is_skipped_for_results_without_stream_rms(tmp_path, tmp_p
     assert_png(folder / "figures" / "gain_by_layer.png")
 
 
+def test_signal_figure_uses_the_probes_that_measured_it(tmp_path, tmp_path_factory):
+    """A run resumed across the upgrade has old probe lines (no stream RMS) before new ones."""
+    folder = copy_results(results_folder("single", tmp_path_factory), tmp_path)
+    for run in (folder / "runs").iterdir():
+        if (run / "probes.jsonl").exists():
+            probes = [json.loads(line) for line in (run / "probes.jsonl").read_text().splitlines()]
+            probes[0].pop("stream_rms")
+            (run / "probes.jsonl").write_text("".join(json.dumps(p) + "\n" for p in probes))
+    result = cli("plot", folder)
+    assert result.exit_code == 0, result.output
+    assert_png(folder / "figures" / "signal_by_layer.png")
+
+
 def test_composite_product_matches_the_gain_module():
     h = torch.randn(5, 3, 4, 4, dtype=torch.float64)
     expected = forward_composites(h)[-1].numpy()

@@ -51,6 +51,11 @@ def test_stability_measures_count_only_after_warmup():
     whole = stability(steps, loss, grad, start=0)
     assert (whole.max_grad_norm, whole.grad_step, whole.grad_spikes) == (50.0, 0, 2)
     assert stability(steps, loss, grad, start=10) is None
+    loss[7], grad[8] = np.nan, np.inf  # a diverged step counts, as infinity
+    broken = stability(steps, loss, grad, start=2)
+    assert (broken.max_grad_norm, broken.grad_step, broken.loss_rise, broken.rise_step) == (np.inf, 8, np.inf, 7)
+    gaps = stability(np.array([0.0, 5, 10, 15]), np.array([5.0, 3, 4, 2]), np.array([9.0, 1, 2, 1]), start=5)
+    assert (gaps.loss_rise, gaps.rise_step, gaps.max_grad_norm, gaps.grad_step) == (1.0, 10, 2.0, 10)
 
 
 def test_report_tabulates_training_stability_per_run(sweep_report):
