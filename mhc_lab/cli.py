@@ -68,6 +68,8 @@ def run(
     from .store import ExperimentStore
 
     options = {"launcher.workers": workers, "launcher.kind": launcher, "train.device": device}
+    flags = {"launcher.workers": "--workers", "launcher.kind": "--launcher", "train.device": "--device"}
+    origins = {key: flags[key] for key, value in options.items() if value is not None}
     overrides = list(set_ or []) + [f"{key}={value}" for key, value in options.items() if value is not None]
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dry_run:  # started by torchrun
         from .distributed import main as data_parallel_main
@@ -75,7 +77,7 @@ def run(
         sets = [arg for item in overrides for arg in ("--set", item)]
         raise typer.Exit(data_parallel_main([str(file), "--out", str(out), *sets] + (["--fresh"] if fresh else [])))
     try:
-        exp = load_experiment(file, overrides)
+        exp = load_experiment(file, overrides, origins)
         kind = exp.config.launcher.kind
         if workers is not None and kind != "local":
             raise ConfigError(f"--workers applies to launcher kind local, not {kind}")

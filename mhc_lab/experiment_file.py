@@ -40,8 +40,13 @@ class Experiment:
         return self.path.parent
 
 
-def load_experiment(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> Experiment:
-    """Load, override, validate and expand an experiment file, or raise ConfigError."""
+def load_experiment(
+    path: Path | str, overrides: list[str] | tuple[str, ...] = (), origins: Optional[dict[str, str]] = None
+) -> Experiment:
+    """Load, override, validate and expand an experiment file, or raise ConfigError.
+
+    `overrides` are `KEY=VALUE` items; an error in one names its origin: `origins[KEY]` (a
+    command-line option such as `--workers`), else `--set`."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such file")
@@ -62,7 +67,7 @@ def load_experiment(path: Path | str, overrides: list[str] | tuple[str, ...] = (
     lines = _key_lines(root_node)
     for item in overrides:
         _apply_override(path, data, item)
-    config = _validate(path, lines, data, set(_override_keys(overrides)))
+    config = _validate(path, lines, data, {key: (origins or {}).get(key, "--set") for key in _override_keys(overrides)})
     runs = _expand(path, lines, config)
     _check_data_paths(path, lines, runs)
     return Experiment(path, text, config, runs, tuple(overrides))
@@ -92,13 +97,13 @@ def _override_keys(overrides) -> list[str]:
     return [item.partition("=")[0].strip() for item in overrides]
 
 
-def _validate(path: Path, lines: dict[str, int], data: dict, set_keys: set[str]) -> ExperimentConfig:
+def _validate(path: Path, lines: dict[str, int], data: dict, set_keys: dict[str, str]) -> ExperimentConfig:
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         key = _dotted(err["loc"])
-        source = " (from --set)" if key in set_keys else ""
+        source = f" (from {set_keys[key]})" if key in set_keys else ""
         raise ConfigError(
             f"{_where(path, lines, key)}: {key}{source}: {_describe(err, ExperimentConfig)}"
         ) from None

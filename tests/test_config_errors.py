@@ -85,6 +85,13 @@ def test_bad_set_override(tmp_path):
     assert "did you mean 'depth'" in _run_bad(tmp_path, exp, "--set", "model.dept=2")
 
 
+def test_bad_option_value_names_the_option(tmp_path):
+    exp = write_experiment(tmp_path)
+    assert "launcher.workers (from --workers)" in _run_bad(tmp_path, exp, "--workers", "0")
+    assert "train.device (from --device)" in _run_bad(tmp_path, exp, "--device", "tpu")
+    assert "train.device (from --set)" in _run_bad(tmp_path, exp, "--set", "train.device=tpu")
+
+
 def test_missing_name(tmp_path):
     exp = tmp_path / "exp.yaml"
     exp.write_text("model: {depth: 2}\n")
