@@ -123,15 +123,20 @@ def test_non_finite_gains_do_not_crash_plotting(tmp_path, tmp_path_factory):
     assert_png(folder / "figures" / "mixing_matrices.png")
 
 
-def test_signal_figure_is_skipped_for_results_without_stream_rms(tmp_path, tmp_path_factory):
-    """Results written before the stream RMS was measured still plot; that figure says why not."""
-    folder = copy_results(results_folder("single", tmp_path_factory), tmp_path)
+def _without_stream_rms(folder, which: slice):
+    """Remove `stream_rms` from the probes `which` of every run, as older mhc-lab wrote them."""
     for run in (folder / "runs").iterdir():
         if (run / "probes.jsonl").exists():
             probes = [json.loads(line) for line in (run / "probes.jsonl").read_text().splitlines()]
-            for p in probes:
+            for p in probes[which]:
                 p.pop("stream_rms")
             (run / "probes.jsonl").write_text("".join(json.dumps(p) + "\n" for p in probes))
+    return folder
+
+
+def test_signal_figure_is_skipped_for_results_without_stream_rms(tmp_path, tmp_path_factory):
+    """Results written before the stream RMS was measured still plot; that figure says why not."""
+    folder = _without_stream_rms(copy_results(results_folder("single", tmp_path_factory), tmp_path), slice(None))
     result = cli("plot", folder)
     assert result.exit_code == 0, result.output
     assert "skipped signal_by_layer: no probe recorded the stream RMS" in result.output
@@ -140,12 +145,7 @@ def test_signal_figure_is_skipped_for_results_without_stream_rms(tmp_path, tmp_p
 
 def test_signal_figure_uses_the_probes_that_measured_it(tmp_path, tmp_path_factory):
     """A run resumed across the upgrade has old probe lines (no stream RMS) before new ones."""
-    folder = copy_results(results_folder("single", tmp_path_factory), tmp_path)
-    for run in (folder / "runs").iterdir():
-        if (run / "probes.jsonl").exists():
-            probes = [json.loads(line) for line in (run / "probes.jsonl").read_text().splitlines()]
-            probes[0].pop("stream_rms")
-            (run / "probes.jsonl").write_text("".join(json.dumps(p) + "\n" for p in probes))
+    folder = _without_stream_rms(copy_results(results_folder("single", tmp_path_factory), tmp_path), slice(0, 1))
     result = cli("plot", folder)
     assert result.exit_code == 0, result.output
     assert_png(folder / "figures" / "signal_by_layer.png")
