@@ -227,7 +227,11 @@ def launch(
         )
     _init_process_group(exp)
     try:
-        return exp, run_sweep_data_parallel(exp, out, set(runs) if runs else None, fresh, reporter)
+        outcome = run_sweep_data_parallel(exp, out, set(runs) if runs else None, fresh, reporter)
+        # Leave together: a rank that tears gloo down while another still holds its connection
+        # can abort the other at exit ("terminate called without an active exception").
+        dist.barrier()
+        return exp, outcome
     finally:
         dist.destroy_process_group()
 
