@@ -520,8 +520,8 @@ def fig_gain_by_layer(view: ExperimentView) -> list[tuple[str, Figure]]:
 
 
 def fig_signal_by_layer(view: ExperimentView) -> list[tuple[str, Figure]]:
-    measured = {c: [p for p in r.probes if "stream_rms" in p]
-                for c, r in representative_runs(view, ("hc", "mhc", "residual")).items()}
+    chosen = representative_runs(view, ("hc", "mhc", "residual"))
+    measured = {c: [p for p in r.probes if "stream_rms" in p] for c, r in chosen.items()}
     measured = {c: probes for c, probes in measured.items() if probes}
     if not measured:
         raise Skip("no probe recorded the stream RMS (results written before it was measured)")
@@ -536,7 +536,6 @@ def fig_signal_by_layer(view: ExperimentView) -> list[tuple[str, Figure]]:
     gain_axis(ax, "RMS(x_l) / RMS(x_0)")
     first = sorted({probes[0]["step"] for probes in measured.values()})
     last = sorted({probes[-1]["step"] for probes in measured.values()})
-    chosen = representative_runs(view, ("hc", "mhc", "residual"))
     mixing = {c: r for c, r in chosen.items() if c in measured and c != "residual"}
     note = representative_note(view, mixing) if mixing else "the residual run"
     if mixing and "residual" in measured:
