@@ -142,7 +142,8 @@ STABILITY_DEFINITION = (
     "Measured from the end of warmup on (the figures show every step). Gradient norms are taken "
     f"before clipping; a spike is a step above {SPIKE_FACTOR:g}x the run's median gradient norm over "
     "those steps. The loss rise is the largest excess of the training loss over its running minimum "
-    "(a loss surge; per-batch noise alone gives a few tenths)."
+    "(a loss surge; per-batch noise alone gives a few tenths). A run is dead from the step on "
+    "which its gradient norm becomes exactly 0 for good: it cannot train any more."
 )
 
 
@@ -150,7 +151,7 @@ def stability_table(view: ExperimentView) -> TableData:
     """Per run: largest gradient norm, number of spikes, largest loss surge, validation loss."""
     table = TableData(f"{view.name}: training stability", [
         "run", "connection", "max grad norm", "@step", "grad spikes", "largest loss rise", "@step",
-        "val loss"], text_columns=2)
+        "val loss", "dead from"], text_columns=2)
     for run in view.plottable:
         s = run.stability
         if s is None:
@@ -158,6 +159,7 @@ def stability_table(view: ExperimentView) -> TableData:
         table.rows.append([
             run.run_id, run.connection, fmt_number(s.max_grad_norm), str(s.grad_step), str(s.grad_spikes),
             f"{s.loss_rise:.2f}", str(s.rise_step), _num(run.summary.get("final_val_loss"), lambda v: f"{v:.3f}"),
+            "-" if s.dead_from is None else str(s.dead_from),
         ])
     return table
 
@@ -179,6 +181,15 @@ def stability_reading(view: ExperimentView) -> list[str]:
             f"{float(np.median([r.stability.loss_rise for r in runs])):.2f}"
             + (f", final validation loss {float(np.median(val)):.3f}." if val else ".")
         )
+        dead = [r for r in runs if r.stability.dead_from is not None]
+        if dead:
+            lines.append(
+                f"{NAMES[conn]}: {len(dead)} of {len(runs)} runs dead (gradient exactly 0 from then on, "
+                "predictions no longer depend on the weights): "
+                + ", ".join(f"{r.run_id} from step {r.stability.dead_from}, final loss "
+                            f"{as_float(r.summary.get('final_loss')):.3f}" for r in dead)
+                + f" (uniform prediction: ln 256 = {math.log(256):.3f})."
+            )
     return lines
 
 

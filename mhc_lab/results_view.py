@@ -186,6 +186,11 @@ class Stability:
     - `loss_rise` (at `rise_step`): the largest rise of the training loss above its running
       minimum (taken over all earlier steps), max_t (loss_t - min_{s<t} loss_s): a loss surge,
       whatever level it starts from (batch noise alone gives a few tenths).
+    - `dead_from`: the first logged step (at any point of the run) from which the gradient norm
+      is exactly 0 at every remaining logged step, at least `DEAD_STEPS` of them; None if the
+      run never froze. Such a network cannot train any more: HC does this when its hidden state
+      passes about 1.8e19, where RMSNorm's float32 mean square overflows to inf, the norms
+      output zeros and the model predicts uniform bytes (loss ln 256).
     """
 
     max_grad_norm: float
@@ -193,9 +198,21 @@ class Stability:
     grad_spikes: int
     loss_rise: float
     rise_step: int
+    dead_from: Optional[int] = None
 
 
 SPIKE_FACTOR = 10.0
+DEAD_STEPS = 2
+
+
+def dead_from(steps: np.ndarray, grad_norm: np.ndarray) -> Optional[int]:
+    """The first step of the trailing run of exactly-zero gradient norms (at least
+    `DEAD_STEPS` logged steps long), or None."""
+    alive = np.nonzero(grad_norm != 0)[0]  # NaN counts as alive: a diverged step is not frozen
+    first = int(alive[-1]) + 1 if len(alive) else 0
+    if len(steps) - first < DEAD_STEPS:
+        return None
+    return int(steps[first])
 
 
 def stability(steps: np.ndarray, loss: np.ndarray, grad_norm: np.ndarray, start: int) -> Optional[Stability]:
@@ -216,7 +233,9 @@ def stability(steps: np.ndarray, loss: np.ndarray, grad_norm: np.ndarray, start:
     rises = loss[later] - np.minimum.accumulate(loss)[later - 1]
     rises = np.where(np.isnan(rises), np.inf, rises)  # inf - inf: non-finite from the start
     r = later[int(np.argmax(rises))]
-    return Stability(float(grad_norm[g]), int(steps[g]), spikes, float(rises.max()), int(steps[r]))
+    return Stability(
+        float(grad_norm[g]), int(steps[g]), spikes, float(rises.max()), int(steps[r]), dead_from(steps, grad_norm)
+    )
 
 
 def _arrays(rows: Iterable[dict], pick) -> tuple[np.ndarray, np.ndarray]:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
 import pytest
 
-from mhc_lab.results_view import stability
+from mhc_lab.results_view import dead_from, stability
 
 from .helpers import cli
-from .results_fixtures import results_folder
+from .results_fixtures import copy_results, results_folder
 
 
 @pytest.fixture(scope="module")
@@ -56,14 +57,42 @@ def test_stability_measures_count_only_after_warmup():
     assert (broken.max_grad_norm, broken.grad_step, broken.loss_rise, broken.rise_step) == (np.inf, 8, np.inf, 7)
     gaps = stability(np.array([0.0, 5, 10, 15]), np.array([5.0, 3, 4, 2]), np.array([9.0, 1, 2, 1]), start=5)
     assert (gaps.loss_rise, gaps.rise_step, gaps.max_grad_norm, gaps.grad_step) == (1.0, 10, 2.0, 10)
+    assert s.dead_from is None
+
+
+def test_a_run_is_dead_from_where_its_gradient_stays_exactly_zero():
+    steps = np.arange(0.0, 60, 10)
+    assert dead_from(steps, np.array([5.0, 1, 0, 2, 0, 0])) == 40  # the zero at 20 was not for good
+    assert dead_from(steps, np.array([5.0, 1, 2, 3, 4, 0])) is None  # one zero step is not enough
+    assert dead_from(steps, np.array([5.0, 1, 2, 0, np.nan, 0])) is None  # a diverged step is not frozen
+    assert dead_from(steps, np.zeros(6)) == 0
+    loss = np.array([5.4, 3.0, 5.545, 5.545, 5.545, 5.545])
+    frozen = stability(steps, loss, np.array([5.0, 1, 0, 0, 0, 0]), start=10)
+    assert (frozen.dead_from, frozen.loss_rise, frozen.rise_step) == (20, 2.545, 20)
 
 
 def test_report_tabulates_training_stability_per_run(sweep_report):
     folder, text, _ = sweep_report
     section = text.split("## Training stability after warmup")[1].split("## Figures")[0]
     for run_id in (p.name for p in (folder / "runs").iterdir()):
-        assert re.search(rf"^\| {re.escape(run_id)} \| \w+ \| [\d.e+]+ \| \d+ \| \d+ \| -?[\d.]+ \| \d+ \|", section, re.M)
+        assert re.search(rf"^\| {re.escape(run_id)} \| \w+ \| [\d.e+]+ \| \d+ \| \d+ \| -?[\d.]+ \| \d+ \| [\d.]+ \| - \|$", section, re.M)
     assert re.search(r"^- mHC \(\d+ runs, medians\): largest gradient norm", section, re.M)
+
+
+def test_report_names_a_dead_run(tmp_path, tmp_path_factory):
+    folder = copy_results(results_folder("sweep", tmp_path_factory), tmp_path)
+    run = next(p for p in sorted((folder / "runs").iterdir()) if p.name.startswith("hc-"))
+    metrics = run / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    for row in rows[2:]:  # frozen from the third logged step on
+        row["grad_norm"] = 0.0
+    metrics.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    result = cli("report", folder)
+    assert result.exit_code == 0, result.output
+    text = (folder / "REPORT.md").read_text()
+    step = rows[2]["step"]
+    assert re.search(rf"^\| {re.escape(run.name)} \| hc \|.*\| {step} \|$", text, re.M)
+    assert re.search(rf"^- HC: 1 of \d+ runs dead .*{re.escape(run.name)} from step {step}, final loss", text, re.M)
 
 
 def test_report_links_every_figure_relatively(sweep_report):
