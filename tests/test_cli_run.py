@@ -201,6 +201,24 @@ def test_a_changed_experiment_does_not_mix_with_old_results(tmp_path):
     assert result.exit_code == 2 and "--fresh" in result.output
 
 
+def test_a_grown_sweep_keeps_its_finished_runs_and_trains_only_the_new_ones(tmp_path):
+    exp = write_experiment(tmp_path, {"sweep": {"grid": {"model.connection": ["residual"]}}})
+    assert cli("run", exp, "--out", tmp_path).exit_code == 0
+    first = next((tmp_path / "tiny" / "runs").iterdir())
+    before = (first / "summary.json").read_bytes()
+    grown = write_experiment(tmp_path, {"description": "now with HC",
+                                        "sweep": {"grid": {"model.connection": ["residual", "hc"]}}},
+                             name="grown.yaml")
+    result = cli("run", grown, "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert "1 already done" in result.output
+    assert (first / "summary.json").read_bytes() == before  # not retrained
+    assert len(list((tmp_path / "tiny" / "runs").iterdir())) == 2
+    assert "now with HC" in (tmp_path / "tiny" / "resolved.yaml").read_text()
+    shrunk = cli("run", exp, "--out", tmp_path)  # the HC run is not part of the old sweep
+    assert shrunk.exit_code == 2 and "1 run(s) not in this sweep" in shrunk.output
+
+
 def test_dry_run_lists_runs_and_writes_nothing(tmp_path):
     exp = write_experiment(tmp_path)
     result = cli("run", exp, "--out", tmp_path / "out", "--dry-run", "--set", "model.depth=2")
