@@ -23,7 +23,7 @@ from . import __version__
 from .plots import (
     NAMES, PAPER_GAIN, PlotResult, caption, figure_title, fmt_number, is_pair, plot_experiment, representative_runs,
 )
-from .results_view import SPIKE_FACTOR, ExperimentView, RunView, axis_name, describe, short_name
+from .results_view import DEAD_STEPS, SPIKE_FACTOR, ExperimentView, RunView, axis_name, describe, short_name
 from .store import as_float, atomic_write_text
 
 REPORT_NAME = "REPORT.md"
@@ -142,13 +142,15 @@ STABILITY_DEFINITION = (
     "Measured from the end of warmup on (the figures show every step). Gradient norms are taken "
     f"before clipping; a spike is a step above {SPIKE_FACTOR:g}x the run's median gradient norm over "
     "those steps. The loss rise is the largest excess of the training loss over its running minimum "
-    "(a loss surge; per-batch noise alone gives a few tenths). A run is dead from the step on "
-    "which its gradient norm becomes exactly 0 for good: it cannot train any more."
+    "(a loss surge; per-batch noise alone gives a few tenths). A run is dead from the step (warmup "
+    f"included) from which its gradient norm is exactly 0 at every later logged step, at least "
+    f"{DEAD_STEPS} of them: it cannot train any more; its spikes count only the steps before."
 )
 
 
 def stability_table(view: ExperimentView) -> TableData:
-    """Per run: largest gradient norm, number of spikes, largest loss surge, validation loss."""
+    """Per run: largest gradient norm, number of spikes, largest loss surge, validation loss and
+    the step from which the run is dead (if it is)."""
     table = TableData(f"{view.name}: training stability", [
         "run", "connection", "max grad norm", "@step", "grad spikes", "largest loss rise", "@step",
         "val loss", "dead from"], text_columns=2)
@@ -165,7 +167,8 @@ def stability_table(view: ExperimentView) -> TableData:
 
 
 def stability_reading(view: ExperimentView) -> list[str]:
-    """Per connection, the medians over its runs of the stability measures and the val loss."""
+    """Per connection, the medians over its runs of the stability measures and the val loss,
+    and which of its runs are dead."""
     lines = []
     for conn in view.connections:
         runs = [r for r in view.plottable if r.connection == conn and r.stability is not None]
@@ -184,8 +187,8 @@ def stability_reading(view: ExperimentView) -> list[str]:
         dead = [r for r in runs if r.stability.dead_from is not None]
         if dead:
             lines.append(
-                f"{NAMES[conn]}: {len(dead)} of {len(runs)} runs dead (gradient exactly 0 from then on, "
-                "predictions no longer depend on the weights): "
+                f"{NAMES[conn]}: {len(dead)} of {len(runs)} run{'s' if len(runs) > 1 else ''} dead "
+                "(gradient exactly 0 from then on): "
                 + ", ".join(f"{r.run_id} from step {r.stability.dead_from}, final loss "
                             f"{as_float(r.summary.get('final_loss')):.3f}" for r in dead)
                 + f" (uniform prediction: ln 256 = {math.log(256):.3f})."
@@ -348,7 +351,7 @@ def build_report(view: ExperimentView, figures: PlotResult) -> str:
     parts.append("".join(f"- {line}\n" for line in reading(view)))
     stable = stability_table(view)
     if stable.rows:
-        parts += ["## Training stability after warmup: gradient-norm spikes and loss surges\n", stable.markdown(),
+        parts += ["## Training stability after warmup: gradient-norm spikes, loss surges, dead runs\n", stable.markdown(),
                   STABILITY_DEFINITION + "\n", "".join(f"- {line}\n" for line in stability_reading(view))]
     parts += ["## Figures\n", *_figure_sections(view, figures)]
     problems = problems_table(view)

@@ -182,15 +182,13 @@ class Stability:
 
     - `max_grad_norm` (at `grad_step`): the largest gradient norm before clipping.
     - `grad_spikes`: steps whose gradient norm exceeds `SPIKE_FACTOR` x the median over these
-      steps.
+      steps (those before `dead_from` in a dead run: its zero gradients are no baseline).
     - `loss_rise` (at `rise_step`): the largest rise of the training loss above its running
       minimum (taken over all earlier steps), max_t (loss_t - min_{s<t} loss_s): a loss surge,
       whatever level it starts from (batch noise alone gives a few tenths).
-    - `dead_from`: the first logged step (at any point of the run) from which the gradient norm
-      is exactly 0 at every remaining logged step, at least `DEAD_STEPS` of them; None if the
-      run never froze. Such a network cannot train any more: HC does this when its hidden state
-      passes about 1.8e19, where RMSNorm's float32 mean square overflows to inf, the norms
-      output zeros and the model predicts uniform bytes (loss ln 256).
+    - `dead_from`: the first logged step (warmup included) from which the gradient norm is
+      exactly 0 at every remaining logged step, at least `DEAD_STEPS` of them; None if the run
+      never froze. Such a network cannot train any more (README: HC's overflowing stream).
     """
 
     max_grad_norm: float
@@ -227,14 +225,16 @@ def stability(steps: np.ndarray, loss: np.ndarray, grad_norm: np.ndarray, start:
     later = after[after >= 1]  # a rise needs an earlier step
     if len(later) == 0:
         return None
+    dead = dead_from(steps, grad_norm)
     grads = grad_norm[after]
     g = after[int(np.argmax(grads))]
-    spikes = int((grads > SPIKE_FACTOR * np.median(grads)).sum())
+    live = grad_norm[after[steps[after] < dead]] if dead is not None else grads
+    spikes = int((live > SPIKE_FACTOR * np.median(live)).sum()) if len(live) else 0
     rises = loss[later] - np.minimum.accumulate(loss)[later - 1]
     rises = np.where(np.isnan(rises), np.inf, rises)  # inf - inf: non-finite from the start
     r = later[int(np.argmax(rises))]
     return Stability(
-        float(grad_norm[g]), int(steps[g]), spikes, float(rises.max()), int(steps[r]), dead_from(steps, grad_norm)
+        float(grad_norm[g]), int(steps[g]), spikes, float(rises.max()), int(steps[r]), dead
     )
 
 

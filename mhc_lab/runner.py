@@ -75,8 +75,9 @@ def open_store(exp: Experiment, out: Path, fresh: bool = False) -> Iterator[Expe
     """Lock `<out>/<name>`, move it aside if `fresh`, check it holds this experiment, and
     write experiment.yaml / resolved.yaml. Yields the store while holding the lock.
 
-    A folder whose runs all belong to this sweep is this experiment, even if its resolved.yaml
-    differs (more grid values or seeds, another description): the new runs join the old."""
+    A folder whose runs (finished, started or submitted as jobs) all belong to this sweep is
+    this experiment, even if its resolved.yaml differs (more grid values or seeds, another
+    description): the new runs join the old."""
     out = Path(out)
     store = ExperimentStore(out / exp.config.name)
     with lock_folder(out, exp.config.name):
@@ -93,15 +94,18 @@ def open_store(exp: Experiment, out: Path, fresh: bool = False) -> Iterator[Expe
             aside = store.root.with_name(f"{store.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
             shutil.move(str(store.root), str(aside))
         if store.resolved_yaml.exists() and store.resolved_yaml.read_text(encoding="utf-8") != resolved:
-            foreign = sorted(set(store.run_ids()) - {r.run_id for r in exp.runs})
+            from .jobs import read_jobs
+
+            present = set(store.run_ids()) | set(read_jobs(store))  # a queued job has no folder yet
+            foreign = sorted(present - {r.run_id for r in exp.runs})
             if foreign:
                 raise StoreError(
                     f"{store.root}: holds results of a different version of experiment "
                     f"{exp.config.name!r} ({len(foreign)} run(s) not in this sweep, e.g. "
                     f"{foreign[0]}); rerun with --fresh to move them aside, or change `name` or --out"
                 )
-            # Every run already there belongs to this sweep: a grown grid or an edited
-            # description. Run ids hash every field of a run's config, so nothing mixes.
+            # Every run already there (or submitted) belongs to this sweep: a grown grid or an
+            # edited description. Run ids hash every field that can change a run's numbers.
         atomic_write_text(store.experiment_yaml, exp.text)
         atomic_write_text(store.resolved_yaml, resolved)
         yield store

@@ -213,13 +213,16 @@ class ExperimentStore:
         return ordered + [found[rid] for rid in sorted(found)]
 
     def write_summary_csv(self, run_ids: list[str]) -> None:
-        """summary.csv from the finished runs among `run_ids`, in that order.
+        """summary.csv from every finished run of the folder: those of `run_ids` in that order,
+        then any others (a sweep that grew while an older job was still training) by id.
 
         Read and write happen under a blocking lock: processes that finish runs at the same time
         (workers, Slurm jobs) each rebuild it after their own summary.json is written, and the
         last rebuild sees every row."""
         with blocking_lock(self.lock_path("summary")):
-            rows = [s for rid in run_ids if (s := self.run(rid).read_summary())]
+            ordered = list(dict.fromkeys(run_ids))
+            ordered += sorted(set(self.run_ids()) - set(ordered))
+            rows = [s for rid in ordered if (s := self.run(rid).read_summary())]
             buf = io.StringIO()
             writer = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
             writer.writeheader()

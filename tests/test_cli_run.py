@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mhc_lab import runner
-from mhc_lab.store import SUMMARY_COLUMNS, exclusive_lock
+from mhc_lab.store import ExperimentStore, SUMMARY_COLUMNS, exclusive_lock
 
 from .helpers import cli, run_contents, write_experiment
 
@@ -217,6 +217,24 @@ def test_a_grown_sweep_keeps_its_finished_runs_and_trains_only_the_new_ones(tmp_
     assert "now with HC" in (tmp_path / "tiny" / "resolved.yaml").read_text()
     shrunk = cli("run", exp, "--out", tmp_path)  # the HC run is not part of the old sweep
     assert shrunk.exit_code == 2 and "1 run(s) not in this sweep" in shrunk.output
+    # An older job that finishes last rebuilds summary.csv from its own (smaller) sweep.
+    store = ExperimentStore(tmp_path / "tiny")
+    store.write_summary_csv([first.name])
+    assert len(store.read_summary_csv()) == 2 and store.read_summary_csv()[0]["run_id"] == first.name
+
+
+def test_a_changed_sweep_is_refused_while_a_job_of_the_old_one_is_queued(tmp_path):
+    from mhc_lab.jobs import JobRecord, _record_jobs
+
+    exp = write_experiment(tmp_path, {"sweep": {"grid": {"model.connection": ["residual"]}}})
+    store = ExperimentStore(tmp_path / "tiny")
+    store.root.mkdir()
+    (store.root / "resolved.yaml").write_text("an older version\n")
+    # submitted with --no-wait, not started: no run folder yet, only its line in jobs.json
+    _record_jobs(store, [JobRecord("residual-L2-C16-n1-s0-00000000", "1", "local", str(tmp_path), "t")])
+    result = cli("run", exp, "--out", tmp_path)
+    assert result.exit_code == 2 and "1 run(s) not in this sweep" in result.output
+    assert (store.root / "resolved.yaml").read_text() == "an older version\n"
 
 
 def test_dry_run_lists_runs_and_writes_nothing(tmp_path):

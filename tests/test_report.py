@@ -69,6 +69,7 @@ def test_a_run_is_dead_from_where_its_gradient_stays_exactly_zero():
     loss = np.array([5.4, 3.0, 5.545, 5.545, 5.545, 5.545])
     frozen = stability(steps, loss, np.array([5.0, 1, 0, 0, 0, 0]), start=10)
     assert (frozen.dead_from, frozen.loss_rise, frozen.rise_step) == (20, 2.545, 20)
+    assert frozen.grad_spikes == 0  # the live steps' median, not the dead zeros', is the baseline
 
 
 def test_report_tabulates_training_stability_per_run(sweep_report):

@@ -1,4 +1,4 @@
-"""The direction of the headline result on a shortened divergence config (a few seconds)."""
+"""The direction of the headline result on a shortened divergence config (about 15 s)."""
 
 from __future__ import annotations
 
