@@ -124,18 +124,25 @@ class LanguageModel(nn.Module):
         return h.unsqueeze(-2).expand(b, t, self.n_streams, h.shape[-1])  # views of one copy
 
     @torch.no_grad()
-    def stream_rms(self, idx: torch.Tensor) -> torch.Tensor:
-        """RMS of the hidden state x_l (over tokens, streams and channels) entering each layer
-        l = 0..L-1 and leaving the last one: (L + 1,) float64. The residual signal itself,
-        which the gain metric bounds through H_res alone: with HC it can grow by orders of
-        magnitude while every sublayer's output stays O(1). Squares are summed in float64, so
-        the RMS of any finite float32 state is finite. A second forward pass, on the probe only."""
+    def probe(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass for the gain probe: every layer's H_res for every token, (L, B*T, n, n)
+        as in `forward`, and the RMS of the hidden state x_l (over tokens, streams and
+        channels) entering each layer l = 0..L-1 and leaving the last one, (L + 1,) float64.
+        The RMS is the residual signal itself, which the gain metric bounds through H_res
+        alone: with HC it can grow by orders of magnitude while every sublayer's output stays
+        O(1). Squares are summed in float64, so the RMS of any finite float32 state is finite."""
+        b, t = idx.shape
         x = self._embed(idx)
-        rms = [_rms64(x)]
+        captured, rms = [], [_rms64(x)]
         for sublayer, connection in zip(self.sublayers, self.connections):
-            x, _ = connection(x, sublayer)
+            x, h_res = connection(x, sublayer)
+            captured.append(optional_hres(h_res, x).reshape(b * t, self.n_streams, self.n_streams))
             rms.append(_rms64(x))
-        return torch.stack(rms).cpu()
+        return torch.stack(captured), torch.stack(rms).cpu()
+
+    def stream_rms(self, idx: torch.Tensor) -> torch.Tensor:
+        """The RMS of the hidden state entering each layer and leaving the last (see `probe`)."""
+        return self.probe(idx)[1]
 
     def _unembed(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.token_embedding.weight.t()  # tied weights: (B, T, V)

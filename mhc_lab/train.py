@@ -199,8 +199,7 @@ class Trainer:
         self.model.eval()
         with self._autocast():
             val_loss = sum(self.model(x, y)[1].item() for x, y in self.val) / len(self.val)
-            _, _, hres = self.model(self.probe_x, return_hres=True)  # (L, T, n, n)
-            streams = self.model.stream_rms(self.probe_x)  # (L + 1,)
+            hres, streams = self.model.probe(self.probe_x)  # (L, T, n, n), (L + 1,)
         self.model.train()
         signal = signal_growth(streams)
         hres = hres.float().cpu()
