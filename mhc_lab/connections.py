@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.compiler import is_compiling
 
+from . import native
 from .config import ModelConfig
 from .sinkhorn import sinkhorn_knopp
 
@@ -61,6 +62,14 @@ def _per_token_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a, b)
 
 
+def _use_native(*tensors: torch.Tensor) -> bool:
+    """True if the fused CPU kernels (mhc_lab/native) can compute with these tensors: plain
+    contiguous float32/float64 CPU tensors in eager mode (never while torch.compile traces)."""
+    if is_compiling() or any(type(t) is not torch.Tensor for t in tensors):
+        return False
+    return native.usable(*tensors)
+
+
 class _StreamRead(torch.autograd.Function):
     """y = R @ x per token, returned as (y[0], y[1:]): the sublayer input and H_res @ x.
 
@@ -71,6 +80,8 @@ class _StreamRead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, read: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         ctx.save_for_backward(x, read)
+        if _use_native(x, read):
+            return native.read_forward(x, read)  # one pass over x, into the two outputs
         y = _per_token_matmul(read, x)  # (M, 1 + n, C)
         # The sublayer saves its input for backward: a view would keep all of y alive.
         return y[:, 0].contiguous(), y[:, 1:]  # (M, C), (M, n, C)
@@ -83,6 +94,9 @@ class _StreamRead(torch.autograd.Function):
             grad_in = x.new_zeros(m, c)
         if grad_mixed is None:
             grad_mixed = x.new_zeros(m, n, c)
+        grad_in, grad_mixed = grad_in.contiguous(), grad_mixed.contiguous()
+        if _use_native(x, read, grad_in, grad_mixed):
+            return native.read_backward(x, read, grad_in, grad_mixed, *ctx.needs_input_grad)
         grad_y = torch.cat([grad_in.unsqueeze(1), grad_mixed], dim=1)  # (M, 1 + n, C)
         # Under autocast the two gradients and the saved inputs can differ in dtype.
         x, read = x.to(grad_y.dtype), read.to(grad_y.dtype)
@@ -108,6 +122,8 @@ class _StreamWrite(torch.autograd.Function):
         h_post, layer_out = ctx.saved_tensors
         grad = grad.contiguous()  # the last layer's gradient is expanded (streams are summed)
         h_post, layer_out = h_post.to(grad.dtype), layer_out.to(grad.dtype)  # autocast: mixed
+        if _use_native(grad, layer_out, h_post):
+            return grad, *native.write_backward(grad, layer_out, h_post, *ctx.needs_input_grad[1:])
         grad_post = grad_out = None
         if ctx.needs_input_grad[1]:
             grad_post = torch.linalg.vecdot(grad, layer_out.unsqueeze(-2))  # (M, n): sum over C

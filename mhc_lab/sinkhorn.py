@@ -35,6 +35,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.compiler import is_compiling
+
+from . import native
 
 
 def sinkhorn_log_iterations(logits: torch.Tensor, iters: int) -> torch.Tensor:
@@ -105,6 +108,15 @@ def _iterate_backward(grad_h: torch.Tensor, trace: list[torch.Tensor]) -> torch.
     return w
 
 
+def _use_native(logits: torch.Tensor) -> bool:
+    """True if the fused CPU kernel (mhc_lab/native) takes these logits (float32/64 on CPU,
+    eager mode): the same steps, for blocks of tokens at a time, without a pass over memory
+    per step."""
+    if is_compiling() or type(logits) is not torch.Tensor:
+        return False
+    return native.usable(logits)
+
+
 class _SinkhornKnopp(torch.autograd.Function):
     """Sinkhorn-Knopp with a recomputing backward: saves only its input."""
 
@@ -115,6 +127,11 @@ class _SinkhornKnopp(torch.autograd.Function):
             h = torch.exp(logits)
             ctx.save_for_backward(h)
             return h
+        flat = logits.reshape(-1, *logits.shape[-2:]).contiguous()  # (N, n, n)
+        ctx.native = _use_native(flat)
+        if ctx.native:
+            ctx.save_for_backward(flat)
+            return native.sinkhorn_forward(flat, iters).view(logits.shape)
         z = _tokens_last(logits)  # (n, n, N)
         ctx.save_for_backward(z)  # the logits, already in the iterations' layout
         ctx.shape, ctx.dtype = logits.shape, logits.dtype
@@ -125,6 +142,9 @@ class _SinkhornKnopp(torch.autograd.Function):
         (saved,) = ctx.saved_tensors
         if ctx.iters == 0:
             return grad_h * saved, None  # d exp(z) = exp(z) dz
+        if ctx.native:
+            grad_flat = grad_h.reshape(saved.shape).to(saved.dtype).contiguous()
+            return native.sinkhorn_backward(saved, grad_flat, ctx.iters).view(grad_h.shape), None
         trace: list[torch.Tensor] = []
         _iterate(saved, ctx.iters, trace)
         g = _iterate_backward(_tokens_last(grad_h).to(saved.dtype), trace)

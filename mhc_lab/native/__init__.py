@@ -1,0 +1,214 @@
+"""Fused CPU kernels for the stream mixing, compiled from `kernels.c` at first use.
+
+Legend: M = tokens, n = residual streams, C = d_model, P = n + 1.
+
+The kernels do what `connections.py` and `sinkhorn.py` do with torch ops (the read R x, its
+backward, the write's backward, Sinkhorn-Knopp forward and recomputing backward), each in one
+pass over its operands with one token's data in cache at a time; BENCHMARKS.md has the
+figures. They are an accelerator, never a requirement:
+
+- built once per source, compiler and CPU with `cc -O3 -march=native -fopenmp -shared` into
+  a cache folder (`$MHC_LAB_CACHE`, else `$XDG_CACHE_HOME/mhc-lab`, else `~/.cache/mhc-lab`),
+  written atomically, so concurrent workers can build at once;
+- loaded with ctypes (no torch headers, so building takes about a second);
+- used only for contiguous float32/float64 CPU tensors outside `torch.compile`; everything
+  else (CUDA, bf16, compiled graphs) takes the torch ops;
+- `MHC_LAB_NATIVE=0` turns them off; with no C compiler, or a failed build, mhc-lab says so
+  once on stderr and takes the torch ops.
+
+The results agree with the torch ops to float rounding (tests/test_native.py), not bit for
+bit: a run's numbers can differ in the last bits with and without the kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+SOURCE = Path(__file__).with_name("kernels.c")
+FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c11"]
+_DTYPES = {torch.float32: "f32", torch.float64: "f64"}
+_KERNELS = ("mhc_read_forward", "mhc_read_backward", "mhc_write_backward")
+
+_library: Optional[ctypes.CDLL] = None
+_load_tried = False
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept."""
+    if os.environ.get("MHC_LAB_CACHE"):
+        return Path(os.environ["MHC_LAB_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "mhc-lab"
+
+
+def _cpu_fingerprint() -> str:
+    """What -march=native depends on: the CPU model and its feature flags (Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))]
+    return "\n".join(sorted(set(lines)))
+
+
+def _compiler() -> Optional[str]:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _build(cc: str) -> Path:
+    """Compile kernels.c into the cache (once per source, compiler, flags and CPU)."""
+    source = SOURCE.read_bytes()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(
+        b"\0".join(
+            [source, cc.encode(), version.encode(), " ".join(FLAGS).encode(),
+             platform.machine().encode(), _cpu_fingerprint().encode()]
+        )
+    ).hexdigest()[:16]
+    target = cache_dir() / f"kernels-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        # OpenMP when the compiler has it; torch's libgomp, already loaded, then serves it.
+        for extra in (["-fopenmp"], []):
+            done = subprocess.run(
+                [cc, *FLAGS, *extra, str(SOURCE), "-o", str(out), "-lm"],
+                capture_output=True,
+                text=True,
+            )
+            if done.returncode == 0:
+                break
+        else:
+            raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr else "cc failed")
+        os.replace(out, target)  # atomic: a concurrent build of the same key writes the same file
+    return target
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    """Argument types: pointers as void*, sizes int64, the thread count int."""
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    for suffix in _DTYPES.values():
+        getattr(lib, f"mhc_read_forward_{suffix}").argtypes = [p, p, p, p, i64, i64, i64, i32]
+        getattr(lib, f"mhc_read_backward_{suffix}").argtypes = [p, p, p, p, p, p, i64, i64, i64, i32]
+        getattr(lib, f"mhc_write_backward_{suffix}").argtypes = [p, p, p, p, p, i64, i64, i64, i32]
+        getattr(lib, f"mhc_sinkhorn_forward_{suffix}").argtypes = [p, p, i64, i64, i64, i32]
+        getattr(lib, f"mhc_sinkhorn_backward_{suffix}").argtypes = [p, p, p, i64, i64, i64, i32]
+        for name in _KERNELS:
+            getattr(lib, f"{name}_{suffix}").restype = None
+        getattr(lib, f"mhc_sinkhorn_forward_{suffix}").restype = i32
+        getattr(lib, f"mhc_sinkhorn_backward_{suffix}").restype = i32
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The loaded kernels, building them on first call; None when off or unavailable."""
+    global _library, _load_tried
+    if _load_tried:
+        return _library
+    _load_tried = True
+    if os.environ.get("MHC_LAB_NATIVE", "1") == "0":
+        return None
+    cc = _compiler()
+    if cc is None:
+        print("mhc-lab: no C compiler found; using torch ops for the stream mixing", file=sys.stderr)
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(cc)))
+        _declare(lib)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        print(f"mhc-lab: fused CPU kernels unavailable ({err}); using torch ops", file=sys.stderr)
+        return None
+    _library = lib
+    return lib
+
+
+def reset() -> None:
+    """Forget the loaded library, so the next `library()` call looks again (tests)."""
+    global _library, _load_tried
+    _library, _load_tried = None, False
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """True if the kernels can take these tensors: CPU, one float32/float64 dtype, contiguous."""
+    first = tensors[0]
+    if first.device.type != "cpu" or first.dtype not in _DTYPES:
+        return False
+    if any(t.dtype != first.dtype or t.device != first.device or not t.is_contiguous() for t in tensors):
+        return False
+    return library() is not None
+
+
+def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def read_forward(x: torch.Tensor, read: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R[:, 0] x, R[:, 1:] x) per token: x (M, n, C), read (M, n + 1, n) -> (M, C), (M, n, C)."""
+    m, n, c = x.shape
+    y_in, y_mix = x.new_empty(m, c), x.new_empty(m, n, c)
+    fn = getattr(library(), f"mhc_read_forward_{_DTYPES[x.dtype]}")
+    fn(x.data_ptr(), read.data_ptr(), y_in.data_ptr(), y_mix.data_ptr(), m, n, c, torch.get_num_threads())
+    return y_in, y_mix
+
+
+def read_backward(
+    x: torch.Tensor,
+    read: torch.Tensor,
+    grad_in: torch.Tensor,
+    grad_mixed: torch.Tensor,
+    need_x: bool,
+    need_read: bool,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Gradients of x (M, n, C) and read (M, n + 1, n) from those of the two read outputs."""
+    m, n, c = x.shape
+    grad_x = x.new_empty(m, n, c) if need_x else None
+    grad_read = x.new_empty(m, n + 1, n) if need_read else None
+    fn = getattr(library(), f"mhc_read_backward_{_DTYPES[x.dtype]}")
+    fn(x.data_ptr(), read.data_ptr(), grad_in.data_ptr(), grad_mixed.data_ptr(),
+       _ptr(grad_x), _ptr(grad_read), m, n, c, torch.get_num_threads())
+    return grad_x, grad_read
+
+
+def write_backward(
+    grad: torch.Tensor, layer_out: torch.Tensor, h_post: torch.Tensor, need_post: bool, need_out: bool
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """For out = mixed + H_post^T F: (dL/dH_post (M, n), dL/dF (M, C)) from dL/dout (M, n, C)."""
+    m, n, c = grad.shape
+    grad_post = grad.new_empty(m, n) if need_post else None
+    grad_out = grad.new_empty(m, c) if need_out else None
+    fn = getattr(library(), f"mhc_write_backward_{_DTYPES[grad.dtype]}")
+    fn(grad.data_ptr(), layer_out.data_ptr(), h_post.data_ptr(), _ptr(grad_out), _ptr(grad_post),
+       m, n, c, torch.get_num_threads())
+    return grad_post, grad_out
+
+
+def sinkhorn_forward(logits: torch.Tensor, iters: int) -> torch.Tensor:
+    """Sinkhorn-Knopp of logits (M, n, n), iters >= 1 (the steps of sinkhorn._iterate)."""
+    m, n, _ = logits.shape
+    out = torch.empty_like(logits)
+    fn = getattr(library(), f"mhc_sinkhorn_forward_{_DTYPES[logits.dtype]}")
+    if fn(logits.data_ptr(), out.data_ptr(), m, n, iters, torch.get_num_threads()):
+        raise MemoryError("mhc-lab: no memory for the Sinkhorn scratch")
+    return out
+
+
+def sinkhorn_backward(logits: torch.Tensor, grad_h: torch.Tensor, iters: int) -> torch.Tensor:
+    """d loss / d logits (M, n, n) from d loss / d H, recomputing the iterations."""
+    m, n, _ = logits.shape
+    grad = torch.empty_like(logits)
+    fn = getattr(library(), f"mhc_sinkhorn_backward_{_DTYPES[logits.dtype]}")
+    if fn(logits.data_ptr(), grad_h.data_ptr(), grad.data_ptr(), m, n, iters, torch.get_num_threads()):
+        raise MemoryError("mhc-lab: no memory for the Sinkhorn trace")
+    return grad
