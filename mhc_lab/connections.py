@@ -62,12 +62,13 @@ def _per_token_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a, b)
 
 
-def _use_native(*tensors: torch.Tensor) -> bool:
+def _use_native(*tensors: torch.Tensor, streams: int = 1) -> bool:
     """True if the fused CPU kernels (mhc_lab/native) can compute with these tensors: plain
-    contiguous float32/float64 CPU tensors in eager mode (never while torch.compile traces)."""
+    contiguous float32/float64 CPU tensors in eager mode (never while torch.compile traces),
+    and `streams` within what the mixing kernels take."""
     if is_compiling() or any(type(t) is not torch.Tensor for t in tensors):
         return False
-    return native.usable(*tensors)
+    return native.usable(*tensors, streams=streams)
 
 
 class _StreamRead(torch.autograd.Function):
@@ -80,7 +81,7 @@ class _StreamRead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, read: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         ctx.save_for_backward(x, read)
-        if _use_native(x, read):
+        if _use_native(x, read, streams=x.shape[1]):
             return native.read_forward(x, read)  # one pass over x, into the two outputs
         y = _per_token_matmul(read, x)  # (M, 1 + n, C)
         # The sublayer saves its input for backward: a view would keep all of y alive.
@@ -95,7 +96,7 @@ class _StreamRead(torch.autograd.Function):
         if grad_mixed is None:
             grad_mixed = x.new_zeros(m, n, c)
         grad_in, grad_mixed = grad_in.contiguous(), grad_mixed.contiguous()
-        if _use_native(x, read, grad_in, grad_mixed):
+        if _use_native(x, read, grad_in, grad_mixed, streams=n):
             return native.read_backward(x, read, grad_in, grad_mixed, *ctx.needs_input_grad)
         grad_y = torch.cat([grad_in.unsqueeze(1), grad_mixed], dim=1)  # (M, 1 + n, C)
         # Under autocast the two gradients and the saved inputs can differ in dtype.
@@ -122,7 +123,7 @@ class _StreamWrite(torch.autograd.Function):
         h_post, layer_out = ctx.saved_tensors
         grad = grad.contiguous()  # the last layer's gradient is expanded (streams are summed)
         h_post, layer_out = h_post.to(grad.dtype), layer_out.to(grad.dtype)  # autocast: mixed
-        if _use_native(grad, layer_out, h_post):
+        if _use_native(grad, layer_out, h_post, streams=grad.shape[1]):
             return grad, *native.write_backward(grad, layer_out, h_post, *ctx.needs_input_grad[1:])
         grad_post = grad_out = None
         if ctx.needs_input_grad[1]:
@@ -179,27 +180,36 @@ def mix_streams(
     return mix_read(x, read, h_post, sublayer)
 
 
+# The fused projection backward (native.projection_grad) for at most this many coefficients:
+# HC's 2 + n per stream row. For mHC's 2n + n^2 columns of length nC, MKL's blocked matmul
+# plus two passes was as fast or faster (BENCHMARKS.md).
+NATIVE_PROJECTION_MAX_K = 8
+
+
 class _RmsProjection(torch.autograd.Function):
-    """RMSNorm(v) @ W computed as (v @ W) / rms(v), rms(v) = sqrt(mean(v^2) + eps).
+    """RMSNorm(v) @ W computed as (v @ W) / rms(v), rms(v) = sqrt(mean(v^2) + eps); also
+    returns v itself, for the stream read to take its input from.
 
     v: (M, D), W: (D, K) with K small (the norm weight already folded into W). Only the
     (M, K) product is written in the forward; the backward writes one (M, D) gradient:
-    dv = (g / rms) @ W^T - v * sum_k(g * p)_m / (D rms^3), with p = v @ W.
+    dv = dv_read + (g / rms) @ W^T - v * sum_k(g * p)_m / (D rms^3), with p = v @ W and
+    dv_read the gradient that came back through the returned v. The matmul adds into
+    dv_read, so x's two gradients (read and projection) are summed without another pass.
     """
 
     @staticmethod
-    def forward(ctx, v: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # type: ignore[override]
-        mean_square = torch.linalg.vecdot(v, v).unsqueeze(-1) / v.shape[-1]  # (M, 1)
-        inv_rms = torch.rsqrt(mean_square + eps)  # (M, 1)
+    def forward(ctx, v: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        # one reduction, no (M, D) temporary of squares
+        inv_rms = torch.rsqrt(torch.linalg.vector_norm(v, dim=-1, keepdim=True).square() / v.shape[-1] + eps)
         # (W^T v^T)^T: for K << D, MKL is several times faster with the tall v on the right
         proj = (weight.t() @ v.t()).t()  # (M, K)
         ctx.save_for_backward(v, weight, inv_rms, proj)
         # row-major again: elementwise ops downstream keep a transposed layout, and batched
         # matmuls with per-token coefficients in that layout fall back to one matmul per token
-        return (proj * inv_rms).contiguous()
+        return (proj * inv_rms).contiguous(), v.view_as(v)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor, grad_passed: Optional[torch.Tensor]):  # type: ignore[override]
         v, weight, inv_rms, proj = ctx.saved_tensors
         dtype = torch.promote_types(grad.dtype, v.dtype)  # under autocast proj may be bf16
         grad, v, weight, inv_rms, proj = (t.to(dtype) for t in (grad, v, weight, inv_rms, proj))
@@ -208,16 +218,27 @@ class _RmsProjection(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # d(1/rms)/dv = -v / (D rms^3)
             coef = -(grad * proj).sum(-1, keepdim=True) * inv_rms.pow(3) / v.shape[-1]  # (M, 1)
-            grad_v = (grad_proj @ weight.t()).addcmul_(v, coef)  # (M, D), no v * coef temporary
+            passed = None if grad_passed is None else grad_passed.reshape(v.shape).to(dtype).contiguous()
+            operands = (v, grad_proj, weight, coef) + (() if passed is None else (passed,))
+            if weight.shape[1] <= NATIVE_PROJECTION_MAX_K and _use_native(*operands):
+                grad_v = native.projection_grad(v, passed, grad_proj, weight, coef)  # one pass
+            else:
+                grad_v = grad_proj @ weight.t()  # (M, D)
+                if passed is not None:
+                    grad_v.add_(passed)  # the read's gradient
+                grad_v.addcmul_(v, coef)  # no v * coef temporary
         if ctx.needs_input_grad[1]:
             grad_weight = (grad_proj.t() @ v).t()  # (D, K), same layout trick as the forward
         return grad_v, grad_weight, None
 
 
-def rms_projection(v: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm(v) @ weight (norm weight folded into `weight`) for v: (..., D) -> (..., K)."""
+def rms_projection(v: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm(v) @ weight (norm weight folded into `weight`) for v: (..., D) -> (..., K),
+    and v itself (same values and shape): read the streams from it and the backward sums
+    the two gradients of v inside the projection's matmul."""
     flat = v.reshape(-1, v.shape[-1])  # (M, D)
-    return _RmsProjection.apply(flat, weight, eps).view(*v.shape[:-1], weight.shape[-1])
+    proj, passed = _RmsProjection.apply(flat, weight, eps)
+    return proj.view(*v.shape[:-1], weight.shape[-1]), passed.view(v.shape)
 
 
 class ResidualConnection(nn.Module):
@@ -268,8 +289,9 @@ class HyperConnection(nn.Module):
             self.gate_alpha = nn.Parameter(torch.tensor(0.01))  # s_alpha
             self.gate_beta = nn.Parameter(torch.tensor(0.01))  # s_beta
 
-    def alpha_beta(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A = [H_pre^T | H_res^T] (B, T, n, 1 + n) and H_post^T (B, T, n) for x: (B, T, n, C).
+    def alpha_beta(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A = [H_pre^T | H_res^T] (B, T, n, 1 + n) and H_post^T (B, T, n) for x: (B, T, n, C),
+        and x as passed through the projection (`rms_projection`), to read the streams from.
 
         RMSNorm's weight and 1/rms are applied around one matmul with [W_m | W_r | W_beta]
         (x @ (w * W) / rms(x) = RMSNorm(x) @ W), so the normalised Hbar is never stored.
@@ -278,25 +300,25 @@ class HyperConnection(nn.Module):
         beta = self.static_beta  # (n,)
         if not self.dynamic:
             alpha = alpha.expand(*x.shape[:2], *alpha.shape)  # (B, T, n, 1 + n)
-            return alpha, beta.expand(*x.shape[:3])  # (B, T, n)
+            return alpha, beta.expand(*x.shape[:3]), x  # (B, T, n)
         weights = torch.cat([self.dynamic_alpha, self.dynamic_beta.unsqueeze(-1)], dim=-1)
         weights = self.norm.weight.unsqueeze(-1) * weights  # (C, 2 + n): w * [W_m | W_r | W_beta]
-        proj = rms_projection(x, weights, self.norm.eps)  # (B, T, n, 2 + n): Hbar @ W
+        proj, x = rms_projection(x, weights, self.norm.eps)  # (B, T, n, 2 + n): Hbar @ W
         if self.use_tanh:
             proj = torch.tanh(proj)
         alpha = torch.addcmul(alpha, self.gate_alpha, proj[..., :-1])  # s_alpha * tanh(.) + A
         beta = torch.addcmul(beta, self.gate_beta, proj[..., -1])  # s_beta * tanh(.) + B
-        return alpha, beta
+        return alpha, beta, x
 
     def coefficients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """H_pre (B, T, n), H_post (B, T, n), H_res (B, T, n, n) for x: (B, T, n, C)."""
-        alpha, beta = self.alpha_beta(x)
+        alpha, beta, _ = self.alpha_beta(x)
         h_pre = alpha[..., 0]  # (B, T, n): H_pre^T
         h_res = alpha[..., 1:].transpose(-1, -2)  # (B, T, n, n): (H_res^T)^T
         return h_pre, beta, h_res
 
     def forward(self, x: torch.Tensor, sublayer: Sublayer) -> tuple[torch.Tensor, torch.Tensor]:
-        alpha, beta = self.alpha_beta(x)
+        alpha, beta, x = self.alpha_beta(x)
         read = alpha.transpose(-1, -2)  # (B, T, 1 + n, n): A^T = [H_pre; H_res]
         return mix_read(x, read, beta, sublayer), read[..., 1:, :]
 
@@ -351,6 +373,12 @@ class ManifoldHyperConnection(nn.Module):
 
     def coefficients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """H_pre (B, T, n), H_post (B, T, n), H_res (B, T, n, n) for x: (B, T, n, C)."""
+        return self._coefficients(x)[:3]
+
+    def _coefficients(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`coefficients`, and x as passed through the projection (`rms_projection`)."""
         n = self.n
         v = x.flatten(-2)  # (B, T, nC)
         gates = torch.cat(
@@ -359,15 +387,16 @@ class ManifoldHyperConnection(nn.Module):
         bias = torch.cat([self.bias_pre, self.bias_post, self.bias_res.flatten()])  # (2n + n*n,)
         phi = self.norm_weight.unsqueeze(-1) * self.dynamic_phi * gates  # (nC, 2n + n*n)
         # a * (RMSNorm(v) @ phi) + b, with 1/rms(v) applied after the matmul: (B, T, 2n + n*n)
-        logits = rms_projection(v, phi, self.eps) + bias
+        proj, v = rms_projection(v, phi, self.eps)
+        logits = proj + bias
         gated = torch.sigmoid(logits[..., : 2 * n])  # (B, T, 2n)
         h_pre = gated[..., :n]  # (B, T, n)
         h_post = 2.0 * gated[..., n:]  # (B, T, n)
         h_res = sinkhorn_knopp(logits[..., 2 * n :].unflatten(-1, (n, n)), self.sinkhorn_iters)
-        return h_pre, h_post, h_res  # h_res: (B, T, n, n)
+        return h_pre, h_post, h_res, v.view(x.shape)  # h_res: (B, T, n, n)
 
     def forward(self, x: torch.Tensor, sublayer: Sublayer) -> tuple[torch.Tensor, torch.Tensor]:
-        h_pre, h_post, h_res = self.coefficients(x)
+        h_pre, h_post, h_res, x = self._coefficients(x)
         return mix_streams(x, h_pre, h_post, h_res, sublayer), h_res
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mhc_lab import native
 from mhc_lab.config import ModelConfig
 
 torch.set_num_threads(1)
@@ -20,3 +21,21 @@ def tiny_model_config(**overrides) -> ModelConfig:
 @pytest.fixture
 def tiny_config():
     return tiny_model_config
+
+
+def require_native() -> None:
+    """The fused CPU kernels must build and load wherever there is a C compiler (CI has one);
+    only a machine without any compiler skips the tests that need them."""
+    if native._compiler() is None:
+        pytest.skip("no C compiler on this machine: the fused CPU kernels cannot be built")
+    assert native.library() is not None, "the fused CPU kernels did not build or load (stderr says why)"
+
+
+@pytest.fixture(params=["native", "torch"])
+def kernel_path(request, monkeypatch):
+    """Run a test twice: with the fused CPU kernels (mhc_lab/native) and with the torch ops."""
+    if request.param == "native":
+        require_native()
+    else:
+        monkeypatch.setattr(native, "usable", lambda *tensors, **kwargs: False)
+    return request.param

@@ -8,6 +8,9 @@ import torch
 
 from mhc_lab.sinkhorn import sinkhorn_knopp, sinkhorn_log_iterations
 
+# every test here runs twice: with the fused CPU kernels and with the torch ops
+pytestmark = pytest.mark.usefixtures("kernel_path")
+
 ITERS = [0, 1, 3, 20]
 STREAMS = [1, 2, 4, 8]
 

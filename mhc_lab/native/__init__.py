@@ -36,9 +36,11 @@ from typing import Optional
 import torch
 
 SOURCE = Path(__file__).with_name("kernels.c")
+SOURCES = (SOURCE, SOURCE.with_name("kernels_impl.h"))  # what the build hashes
+MAX_STREAMS = 8  # kernels.c: MAX_N
 FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c11"]
 _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
-_KERNELS = ("mhc_read_forward", "mhc_read_backward", "mhc_write_backward")
+_KERNELS = ("mhc_read_forward", "mhc_read_backward", "mhc_write_backward", "mhc_projection_grad")
 
 _library: Optional[ctypes.CDLL] = None
 _load_tried = False
@@ -68,7 +70,7 @@ def _compiler() -> Optional[str]:
 
 def _build(cc: str) -> Path:
     """Compile kernels.c into the cache (once per source, compiler, flags and CPU)."""
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in SOURCES)
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(
         b"\0".join(
@@ -104,6 +106,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"mhc_read_forward_{suffix}").argtypes = [p, p, p, p, i64, i64, i64, i32]
         getattr(lib, f"mhc_read_backward_{suffix}").argtypes = [p, p, p, p, p, p, i64, i64, i64, i32]
         getattr(lib, f"mhc_write_backward_{suffix}").argtypes = [p, p, p, p, p, i64, i64, i64, i32]
+        getattr(lib, f"mhc_projection_grad_{suffix}").argtypes = [p, p, p, p, p, p, i64, i64, i64, i32]
         getattr(lib, f"mhc_sinkhorn_forward_{suffix}").argtypes = [p, p, i64, i64, i64, i32]
         getattr(lib, f"mhc_sinkhorn_backward_{suffix}").argtypes = [p, p, p, i64, i64, i64, i32]
         for name in _KERNELS:
@@ -140,9 +143,12 @@ def reset() -> None:
     _library, _load_tried = None, False
 
 
-def usable(*tensors: torch.Tensor) -> bool:
-    """True if the kernels can take these tensors: CPU, one float32/float64 dtype, contiguous."""
+def usable(*tensors: torch.Tensor, streams: int = 1) -> bool:
+    """True if the kernels can take these tensors: CPU, one float32/float64 dtype, contiguous,
+    and for the stream mixing at most MAX_STREAMS streams."""
     first = tensors[0]
+    if streams > MAX_STREAMS:
+        return False
     if first.device.type != "cpu" or first.dtype not in _DTYPES:
         return False
     if any(t.dtype != first.dtype or t.device != first.device or not t.is_contiguous() for t in tensors):
@@ -192,6 +198,21 @@ def write_backward(
     fn(grad.data_ptr(), layer_out.data_ptr(), h_post.data_ptr(), _ptr(grad_out), _ptr(grad_post),
        m, n, c, torch.get_num_threads())
     return grad_post, grad_out
+
+
+def projection_grad(
+    v: torch.Tensor, passed: Optional[torch.Tensor], grad_proj: torch.Tensor, weight: torch.Tensor,
+    coef: torch.Tensor,
+) -> torch.Tensor:
+    """passed + grad_proj @ weight^T + coef * v: v, passed (M, D), grad_proj (M, K), weight
+    (D, K), coef (M, 1); `passed` may be None (zero). One pass over v and passed."""
+    m, d = v.shape
+    out = torch.empty_like(v)
+    weight_t = weight.t().contiguous()  # (K, D)
+    fn = getattr(library(), f"mhc_projection_grad_{_DTYPES[v.dtype]}")
+    fn(v.data_ptr(), _ptr(passed), grad_proj.data_ptr(), weight_t.data_ptr(), coef.data_ptr(),
+       out.data_ptr(), m, d, weight.shape[1], torch.get_num_threads())
+    return out
 
 
 def sinkhorn_forward(logits: torch.Tensor, iters: int) -> torch.Tensor:

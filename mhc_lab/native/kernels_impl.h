@@ -1,0 +1,360 @@
+/* The kernels for one element type T (float or double), included twice by kernels.c.
+ * Public names end in _SUF (f32, f64); see kernels.c for the legend and the layout. */
+
+/* ---- stream read: y_in = R[0] x (H_pre x), y_mix[i] = R[1 + i] x (H_res x) ---------------- */
+
+INLINE void CAT(read_forward_token, SUF)(const T *restrict x, const T *restrict R,
+                                         T *restrict y_in, T *restrict y_mix, const int64_t n,
+                                         const int64_t C)
+{
+    for (int64_t p = 0; p <= n; p++) {
+        T *restrict y = p == 0 ? y_in : y_mix + (p - 1) * C;
+        T r[MAX_N];
+        for (int64_t j = 0; j < n; j++) r[j] = R[p * n + j];
+        for (int64_t c = 0; c < C; c++) {
+            T acc = r[0] * x[c];
+            for (int64_t j = 1; j < n; j++) acc += r[j] * x[j * C + c];
+            y[c] = acc;
+        }
+    }
+}
+
+/* x: (M, n, C), R: (M, n + 1, n), y_in: (M, C), y_mix: (M, n, C); n <= MAX_N. */
+void CAT(mhc_read_forward, SUF)(const T *restrict x, const T *restrict R, T *restrict y_in,
+                                T *restrict y_mix, int64_t M, int64_t n, int64_t C, int nt)
+{
+#define BODY(N)                                                                                \
+    _Pragma("omp parallel for num_threads(nt) schedule(static)")                              \
+    for (int64_t m = 0; m < M; m++)                                                            \
+        CAT(read_forward_token, SUF)(x + m * N * C, R + m * (N + 1) * N, y_in + m * C,         \
+                                     y_mix + m * N * C, N, C)
+    DISPATCH_N(n, BODY)
+#undef BODY
+}
+
+/* out[j] = <v, rows[j]> for rows (k, C): four dot products per sweep over C (one load of v
+ * for four rows), each a vector reduction (omp simd: partial sums in lanes, added up in an
+ * order fixed by C). */
+INLINE void CAT(dot_rows, SUF)(const T *restrict v, const T *restrict rows, const int64_t k,
+                               const int64_t C, T *restrict out)
+{
+    int64_t j = 0;
+    for (; j + 4 <= k; j += 4) {
+        const T *restrict r0 = rows + j * C, *restrict r1 = r0 + C, *restrict r2 = r1 + C,
+                *restrict r3 = r2 + C;
+        T a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+        _Pragma("omp simd reduction(+:a0,a1,a2,a3)")
+        for (int64_t c = 0; c < C; c++) {
+            a0 += v[c] * r0[c];
+            a1 += v[c] * r1[c];
+            a2 += v[c] * r2[c];
+            a3 += v[c] * r3[c];
+        }
+        out[j] = a0;
+        out[j + 1] = a1;
+        out[j + 2] = a2;
+        out[j + 3] = a3;
+    }
+    for (; j < k; j++) {
+        const T *restrict r = rows + j * C;
+        T a = 0;
+        _Pragma("omp simd reduction(+:a)")
+        for (int64_t c = 0; c < C; c++) a += v[c] * r[c];
+        out[j] = a;
+    }
+}
+
+/* ---- backward of the read ----------------------------------------------------------------
+ * gy_0 = g_in (M, C), gy_{1+i} = g_mix[:, i] (M, n, C).
+ * grad_x[j] = sum_p R[p, j] gy_p;  grad_R[p, j] = <gy_p, x_j> over C. */
+
+INLINE void CAT(read_backward_token, SUF)(const T *restrict x, const T *restrict R,
+                                          const T *restrict g_in, const T *restrict g_mix,
+                                          T *restrict grad_x, T *restrict grad_R,
+                                          const int64_t n, const int64_t C)
+{
+    const T *gy[MAX_N + 1];
+    gy[0] = g_in;
+    for (int64_t p = 0; p < n; p++) gy[p + 1] = g_mix + p * C;
+    if (grad_x) {
+        for (int64_t j = 0; j < n; j++) {
+            T r[MAX_N + 1];
+            for (int64_t p = 0; p <= n; p++) r[p] = R[p * n + j];
+            T *restrict gx = grad_x + j * C;
+            for (int64_t c = 0; c < C; c++) {
+                T acc = r[0] * gy[0][c];
+                for (int64_t p = 1; p <= n; p++) acc += r[p] * gy[p][c];
+                gx[c] = acc;
+            }
+        }
+    }
+    if (grad_R)
+        for (int64_t p = 0; p <= n; p++) CAT(dot_rows, SUF)(gy[p], x, n, C, grad_R + p * n);
+}
+
+/* grad_x (M, n, C) or NULL, grad_R (M, n + 1, n) or NULL; n <= MAX_N. */
+void CAT(mhc_read_backward, SUF)(const T *restrict x, const T *restrict R,
+                                 const T *restrict g_in, const T *restrict g_mix,
+                                 T *restrict grad_x, T *restrict grad_R, int64_t M, int64_t n,
+                                 int64_t C, int nt)
+{
+#define BODY(N)                                                                                \
+    _Pragma("omp parallel for num_threads(nt) schedule(static)")                              \
+    for (int64_t m = 0; m < M; m++)                                                            \
+        CAT(read_backward_token, SUF)(x + m * N * C, R + m * (N + 1) * N, g_in + m * C,        \
+                                      g_mix + m * N * C, grad_x ? grad_x + m * N * C : NULL,   \
+                                      grad_R ? grad_R + m * (N + 1) * N : NULL, N, C)
+    DISPATCH_N(n, BODY)
+#undef BODY
+}
+
+/* ---- backward of the stream write out = mixed + H_post^T F ------------------------------- */
+
+INLINE void CAT(write_backward_token, SUF)(const T *restrict g, const T *restrict F,
+                                           const T *restrict h, T *restrict grad_F,
+                                           T *restrict grad_post, const int64_t n,
+                                           const int64_t C)
+{
+    if (grad_F) {
+        T hh[MAX_N];
+        for (int64_t i = 0; i < n; i++) hh[i] = h[i];
+        for (int64_t c = 0; c < C; c++) {
+            T acc = hh[0] * g[c];
+            for (int64_t i = 1; i < n; i++) acc += hh[i] * g[i * C + c];
+            grad_F[c] = acc;
+        }
+    }
+    if (grad_post) CAT(dot_rows, SUF)(F, g, n, C, grad_post);
+}
+
+/* g: (M, n, C), F: (M, C), h_post: (M, n). grad_F = sum_i h_post_i g_i (M, C) or NULL;
+ * grad_post_i = <g_i, F> (M, n) or NULL; n <= MAX_N. */
+void CAT(mhc_write_backward, SUF)(const T *restrict g, const T *restrict F,
+                                  const T *restrict h_post, T *restrict grad_F,
+                                  T *restrict grad_post, int64_t M, int64_t n, int64_t C, int nt)
+{
+#define BODY(N)                                                                                \
+    _Pragma("omp parallel for num_threads(nt) schedule(static)")                              \
+    for (int64_t m = 0; m < M; m++)                                                            \
+        CAT(write_backward_token, SUF)(g + m * N * C, F + m * C, h_post + m * N,               \
+                                       grad_F ? grad_F + m * C : NULL,                         \
+                                       grad_post ? grad_post + m * N : NULL, N, C)
+    DISPATCH_N(n, BODY)
+#undef BODY
+}
+
+/* ---- Sinkhorn-Knopp (mhc_lab/sinkhorn.py, the same steps) --------------------------------
+ * Per token, z (n, n) logits: P = softmax over i of z (columns), H1 = softmax over j of log P
+ * (rows), then iters - 1 column and row normalisations. Tokens go in blocks of SK_BLOCK, each
+ * matrix entry a contiguous vector over the block's tokens, so every step is a vectorised
+ * loop over tokens. With `trace` (2 * iters block matrices), every step's output is kept for
+ * the backward. h, lp: (n * n, SK_BLOCK) scratch, entry-major. */
+#ifndef SK_BLOCK
+#define SK_BLOCK 64
+#endif
+
+static void CAT(sinkhorn_block, SUF)(const T *z, int64_t nb, int64_t n, int64_t iters,
+                                     T *restrict h, T *restrict lp, T *restrict trace)
+{
+    const int64_t nn = n * n;
+    T mx[SK_BLOCK], s[SK_BLOCK];
+    for (int64_t k = 0; k < nn; k++)
+        for (int64_t b = 0; b < nb; b++) lp[k * SK_BLOCK + b] = z[b * nn + k];
+    for (int64_t j = 0; j < n; j++) { /* log-softmax over i of column j */
+        for (int64_t b = 0; b < nb; b++) mx[b] = lp[j * SK_BLOCK + b];
+        for (int64_t i = 1; i < n; i++)
+            for (int64_t b = 0; b < nb; b++) {
+                const T v = lp[(i * n + j) * SK_BLOCK + b];
+                mx[b] = v > mx[b] ? v : mx[b];
+            }
+        for (int64_t b = 0; b < nb; b++) s[b] = 0;
+        for (int64_t i = 0; i < n; i++)
+            for (int64_t b = 0; b < nb; b++) s[b] += EXP(lp[(i * n + j) * SK_BLOCK + b] - mx[b]);
+        for (int64_t b = 0; b < nb; b++) mx[b] += LOG(s[b]);
+        for (int64_t i = 0; i < n; i++)
+            for (int64_t b = 0; b < nb; b++) lp[(i * n + j) * SK_BLOCK + b] -= mx[b];
+    }
+    if (trace)
+        for (int64_t k = 0; k < nn * SK_BLOCK; k++) trace[k] = EXP(lp[k]);
+    for (int64_t i = 0; i < n; i++) { /* softmax over j of row i of log P */
+        const T *row = lp + i * n * SK_BLOCK;
+        T *hrow = h + i * n * SK_BLOCK;
+        for (int64_t b = 0; b < nb; b++) mx[b] = row[b];
+        for (int64_t j = 1; j < n; j++)
+            for (int64_t b = 0; b < nb; b++)
+                mx[b] = row[j * SK_BLOCK + b] > mx[b] ? row[j * SK_BLOCK + b] : mx[b];
+        for (int64_t b = 0; b < nb; b++) s[b] = 0;
+        for (int64_t j = 0; j < n; j++)
+            for (int64_t b = 0; b < nb; b++) {
+                hrow[j * SK_BLOCK + b] = EXP(row[j * SK_BLOCK + b] - mx[b]);
+                s[b] += hrow[j * SK_BLOCK + b];
+            }
+        for (int64_t j = 0; j < n; j++)
+            for (int64_t b = 0; b < nb; b++) hrow[j * SK_BLOCK + b] /= s[b];
+    }
+    T *out = trace ? trace + nn * SK_BLOCK : NULL;
+    if (out)
+        for (int64_t k = 0; k < nn * SK_BLOCK; k++) out[k] = h[k];
+    /* The later steps run over all SK_BLOCK lanes (vectorised); the lanes past nb of a
+     * partial block hold finite leftovers and are never stored. */
+    for (int64_t t = 1; t < iters; t++) {
+        for (int64_t j = 0; j < n; j++) { /* columns: sums over i */
+            for (int64_t b = 0; b < SK_BLOCK; b++) s[b] = 0;
+            for (int64_t i = 0; i < n; i++)
+                for (int64_t b = 0; b < SK_BLOCK; b++) s[b] += h[(i * n + j) * SK_BLOCK + b];
+            for (int64_t i = 0; i < n; i++)
+                for (int64_t b = 0; b < SK_BLOCK; b++) h[(i * n + j) * SK_BLOCK + b] /= s[b];
+        }
+        if (out) {
+            out += nn * SK_BLOCK;
+            for (int64_t k = 0; k < nn * SK_BLOCK; k++) out[k] = h[k];
+        }
+        for (int64_t i = 0; i < n; i++) { /* rows: sums over j */
+            T *hrow = h + i * n * SK_BLOCK;
+            for (int64_t b = 0; b < SK_BLOCK; b++) s[b] = 0;
+            for (int64_t j = 0; j < n; j++)
+                for (int64_t b = 0; b < SK_BLOCK; b++) s[b] += hrow[j * SK_BLOCK + b];
+            for (int64_t j = 0; j < n; j++)
+                for (int64_t b = 0; b < SK_BLOCK; b++) hrow[j * SK_BLOCK + b] /= s[b];
+        }
+        if (out) {
+            out += nn * SK_BLOCK;
+            for (int64_t k = 0; k < nn * SK_BLOCK; k++) out[k] = h[k];
+        }
+    }
+}
+
+/* Per-thread scratch: h, lp and (backward) the trace; h and lp start finite (all ones). */
+static T *CAT(sinkhorn_scratch, SUF)(int64_t n, int64_t iters, int with_trace)
+{
+    const size_t per = (size_t)(n * n * SK_BLOCK);
+    T *buf = malloc(sizeof(T) * per * (2 + (with_trace ? 2 * (size_t)iters : 0)));
+    if (buf)
+        for (size_t k = 0; k < 2 * per; k++) buf[k] = 1;
+    return buf;
+}
+
+/* z, h: (M, n, n); iters >= 1. Returns 0, or -1 if scratch memory could not be had. */
+int CAT(mhc_sinkhorn_forward, SUF)(const T *restrict z, T *restrict h, int64_t M, int64_t n,
+                                   int64_t iters, int nt)
+{
+    int failed = 0;
+    const int64_t nn = n * n, blocks = (M + SK_BLOCK - 1) / SK_BLOCK;
+    _Pragma("omp parallel num_threads(nt) reduction(|:failed)")
+    {
+        T *buf = CAT(sinkhorn_scratch, SUF)(n, iters, 0);
+        if (!buf) failed = 1;
+        _Pragma("omp for schedule(static)")
+        for (int64_t blk = 0; blk < blocks; blk++) {
+            if (!buf) continue;
+            const int64_t m0 = blk * SK_BLOCK;
+            const int64_t nb = M - m0 < SK_BLOCK ? M - m0 : SK_BLOCK;
+            T *hb = buf, *lp = buf + nn * SK_BLOCK;
+            CAT(sinkhorn_block, SUF)(z + m0 * nn, nb, n, iters, hb, lp, NULL);
+            for (int64_t b = 0; b < nb; b++)
+                for (int64_t k = 0; k < nn; k++) h[(m0 + b) * nn + k] = hb[k * SK_BLOCK + b];
+        }
+        free(buf);
+    }
+    return failed ? -1 : 0;
+}
+
+/* dz from dH: recompute the steps, then for each step Y = X / sum_d X backwards,
+ * W <- W - Y * sum_d(W), starting from W = dH * H (see sinkhorn._iterate_backward).
+ * Returns 0, or -1 if scratch memory could not be had. */
+int CAT(mhc_sinkhorn_backward, SUF)(const T *restrict z, const T *restrict grad_h,
+                                    T *restrict grad_z, int64_t M, int64_t n, int64_t iters,
+                                    int nt)
+{
+    int failed = 0;
+    const int64_t nn = n * n, blocks = (M + SK_BLOCK - 1) / SK_BLOCK;
+    _Pragma("omp parallel num_threads(nt) reduction(|:failed)")
+    {
+        T *buf = CAT(sinkhorn_scratch, SUF)(n, iters, 1);
+        if (!buf) failed = 1;
+        _Pragma("omp for schedule(static)")
+        for (int64_t blk = 0; blk < blocks; blk++) {
+            if (!buf) continue;
+            const int64_t m0 = blk * SK_BLOCK;
+            const int64_t nb = M - m0 < SK_BLOCK ? M - m0 : SK_BLOCK;
+            T *w = buf, *lp = buf + nn * SK_BLOCK, *trace = buf + 2 * nn * SK_BLOCK;
+            CAT(sinkhorn_block, SUF)(z + m0 * nn, nb, n, iters, w, lp, trace);
+            for (int64_t b = 0; b < nb; b++) /* W = dH * H */
+                for (int64_t k = 0; k < nn; k++) w[k * SK_BLOCK + b] *= grad_h[(m0 + b) * nn + k];
+            for (int64_t step = 2 * iters - 1; step >= 0; step--) {
+                const T *y = trace + step * nn * SK_BLOCK;
+                /* column steps (even) sum over i along column a; row steps (odd) over j
+                 * along row a */
+                const int64_t line = step % 2 == 0 ? 1 : n, across = step % 2 == 0 ? n : 1;
+                T sum[SK_BLOCK];
+                for (int64_t a = 0; a < n; a++) {
+                    const int64_t base = a * line;
+                    for (int64_t b = 0; b < SK_BLOCK; b++) sum[b] = 0;
+                    for (int64_t e = 0; e < n; e++)
+                        for (int64_t b = 0; b < SK_BLOCK; b++)
+                            sum[b] += w[(base + e * across) * SK_BLOCK + b];
+                    for (int64_t e = 0; e < n; e++)
+                        for (int64_t b = 0; b < SK_BLOCK; b++)
+                            w[(base + e * across) * SK_BLOCK + b] -=
+                                y[(base + e * across) * SK_BLOCK + b] * sum[b];
+                }
+            }
+            for (int64_t b = 0; b < nb; b++)
+                for (int64_t k = 0; k < nn; k++) grad_z[(m0 + b) * nn + k] = w[k * SK_BLOCK + b];
+        }
+        free(buf);
+    }
+    return failed ? -1 : 0;
+}
+
+/* ---- backward of the RMS projection p = (v @ W) / rms(v) (connections._RmsProjection) ------
+ * out = passed + g @ W^T + coef * v per row, for v, passed, out: (M, D), g: (M, K),
+ * Wt = W^T: (K, D), coef: (M, 1); passed may be NULL (zero). Rows go in groups of PG_ROWS
+ * and columns in chunks of PG_CHUNK, the group's chunk held in registers while the K rows
+ * of Wt are added in (each Wt load serves PG_ROWS rows). */
+#define PG_CHUNK 32
+#define PG_ROWS 4
+
+INLINE void CAT(projection_grad_tile, SUF)(const T *restrict v, const T *restrict passed,
+                                           const T *restrict g, const T *restrict Wt,
+                                           const T *restrict coef, T *restrict out,
+                                           const int64_t rows, const int64_t w, const int64_t D,
+                                           const int64_t K)
+{
+    T acc[PG_ROWS][PG_CHUNK];
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t l = 0; l < w; l++)
+            acc[r][l] = coef[r] * v[r * D + l] + (passed ? passed[r * D + l] : 0);
+    for (int64_t k = 0; k < K; k++) {
+        const T *restrict wr = Wt + k * D;
+        for (int64_t r = 0; r < rows; r++) {
+            const T gk = g[r * K + k];
+            for (int64_t l = 0; l < w; l++) acc[r][l] += gk * wr[l];
+        }
+    }
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t l = 0; l < w; l++) out[r * D + l] = acc[r][l];
+}
+
+void CAT(mhc_projection_grad, SUF)(const T *restrict v, const T *restrict passed,
+                                   const T *restrict g, const T *restrict Wt,
+                                   const T *restrict coef, T *restrict out, int64_t M,
+                                   int64_t D, int64_t K, int nt)
+{
+    const int64_t groups = (M + PG_ROWS - 1) / PG_ROWS;
+    _Pragma("omp parallel for num_threads(nt) schedule(static)")
+    for (int64_t grp = 0; grp < groups; grp++) {
+        const int64_t m = grp * PG_ROWS, rows = M - m < PG_ROWS ? M - m : PG_ROWS;
+        const T *pm = passed ? passed + m * D : NULL;
+        int64_t c0 = 0;
+        if (rows == PG_ROWS) /* full tiles: rows and width are constants */
+            for (; c0 + PG_CHUNK <= D; c0 += PG_CHUNK)
+                CAT(projection_grad_tile, SUF)(v + m * D + c0, pm ? pm + c0 : NULL, g + m * K,
+                                               Wt + c0, coef + m, out + m * D + c0, PG_ROWS,
+                                               PG_CHUNK, D, K);
+        for (; c0 < D; c0 += PG_CHUNK)
+            CAT(projection_grad_tile, SUF)(v + m * D + c0, pm ? pm + c0 : NULL, g + m * K,
+                                           Wt + c0, coef + m, out + m * D + c0, rows,
+                                           D - c0 < PG_CHUNK ? D - c0 : PG_CHUNK, D, K);
+    }
+}

@@ -1,0 +1,190 @@
+"""The fused CPU kernels (mhc_lab/native) against the torch ops they replace, their build and
+cache, their fallback, and their determinism. The connection and Sinkhorn tests
+(test_connections_fast.py, test_sinkhorn_autograd.py) also run once on each path."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mhc_lab import native
+from mhc_lab.model import build_model
+from mhc_lab.sinkhorn import sinkhorn_log_iterations
+
+from .conftest import require_native, tiny_model_config
+
+DTYPES = [torch.float32, torch.float64]
+
+
+@pytest.fixture(autouse=True)
+def _native():
+    require_native()
+
+
+def _tol(dtype: torch.dtype) -> dict:
+    return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+
+
+def _rand(*shape: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+# odd widths: tails of every vector loop; n up to the kernels' limit
+SHAPES = [(1, 1, 1), (7, 2, 5), (33, 4, 64), (20, 4, 37), (9, 8, 19), (5, 3, 130)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,c", SHAPES)
+def test_read_forward_and_backward_equal_batched_matmuls(m, n, c, dtype):
+    x, read = _rand(m, n, c, dtype=dtype, seed=0), _rand(m, n + 1, n, dtype=dtype, seed=1)
+    g_in, g_mix = _rand(m, c, dtype=dtype, seed=2), _rand(m, n, c, dtype=dtype, seed=3)
+    y_in, y_mix = native.read_forward(x, read)
+    y = torch.bmm(read, x)
+    torch.testing.assert_close(y_in, y[:, 0], **_tol(dtype))
+    torch.testing.assert_close(y_mix, y[:, 1:], **_tol(dtype))
+    grad_y = torch.cat([g_in.unsqueeze(1), g_mix], dim=1)
+    grad_x, grad_read = native.read_backward(x, read, g_in, g_mix, True, True)
+    torch.testing.assert_close(grad_x, torch.bmm(read.transpose(1, 2), grad_y), **_tol(dtype))
+    torch.testing.assert_close(grad_read, torch.bmm(grad_y, x.transpose(1, 2)), **_tol(dtype))
+    only_x, none = native.read_backward(x, read, g_in, g_mix, True, False)
+    assert none is None and torch.equal(only_x, grad_x)
+    none, only_read = native.read_backward(x, read, g_in, g_mix, False, True)
+    assert none is None and torch.equal(only_read, grad_read)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,c", SHAPES)
+def test_write_backward_equals_the_contractions(m, n, c, dtype):
+    grad, layer_out, h_post = _rand(m, n, c, dtype=dtype, seed=4), _rand(m, c, dtype=dtype, seed=5), _rand(m, n, dtype=dtype, seed=6)
+    grad_post, grad_out = native.write_backward(grad, layer_out, h_post, True, True)
+    torch.testing.assert_close(grad_post, (grad * layer_out.unsqueeze(1)).sum(-1), **_tol(dtype))
+    torch.testing.assert_close(grad_out, (grad * h_post.unsqueeze(-1)).sum(1), **_tol(dtype))
+    assert native.write_backward(grad, layer_out, h_post, False, False) == (None, None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,d,k", [(1, 1, 1), (9, 37, 6), (17, 64, 3), (6, 100, 24)])
+@pytest.mark.parametrize("with_passed", [True, False])
+def test_projection_grad_equals_matmul_plus_terms(m, d, k, dtype, with_passed):
+    v, g = _rand(m, d, dtype=dtype, seed=7), _rand(m, k, dtype=dtype, seed=8)
+    weight, coef = _rand(d, k, dtype=dtype, seed=9), _rand(m, 1, dtype=dtype, seed=10)
+    passed = _rand(m, d, dtype=dtype, seed=11) if with_passed else None
+    expected = g @ weight.t() + coef * v + (passed if with_passed else 0)
+    torch.testing.assert_close(native.projection_grad(v, passed, g, weight, coef), expected, **_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 63, 64, 65, 200])  # partial and whole token blocks
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+@pytest.mark.parametrize("iters", [1, 2, 20])
+def test_sinkhorn_equals_the_log_domain_loop(m, n, iters, dtype):
+    logits = (_rand(m, n, n, dtype=torch.float64, seed=m + n) * 3).requires_grad_()
+    plain = torch.exp(sinkhorn_log_iterations(logits, iters))
+    grad_h = _rand(m, n, n, dtype=torch.float64, seed=12)
+    (expected,) = torch.autograd.grad(plain, logits, grad_h)
+    z = logits.detach().to(dtype)
+    torch.testing.assert_close(native.sinkhorn_forward(z, iters), plain.to(dtype), **_tol(dtype))
+    torch.testing.assert_close(native.sinkhorn_backward(z, grad_h.to(dtype), iters), expected.to(dtype), **_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sinkhorn_stays_finite_for_extreme_logits(dtype):
+    z = torch.tensor([[1e4, -1e4, 0.0, 5e3], [-1e4] * 4, [1e4] * 4, [0.0, 0.0, -3e3, 1e4]], dtype=dtype)
+    z = torch.stack([z, -z, z.t()])  # (3, 4, 4)
+    h = native.sinkhorn_forward(z, 20)
+    grad = native.sinkhorn_backward(z, torch.ones_like(z), 20)
+    assert torch.isfinite(h).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close(h.sum(-1), torch.ones(3, 4, dtype=dtype))  # rows, after the row step
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    """Each output element is computed by one thread in a fixed order: bit-identical."""
+    x, read = _rand(300, 4, 96, dtype=torch.float32, seed=0), _rand(300, 5, 4, dtype=torch.float32, seed=1)
+    g_in, g_mix = _rand(300, 96, dtype=torch.float32, seed=2), _rand(300, 4, 96, dtype=torch.float32, seed=3)
+    z = _rand(300, 4, 4, dtype=torch.float32, seed=4)
+    outputs = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outputs.append([*native.read_forward(x, read), *native.read_backward(x, read, g_in, g_mix, True, True),
+                            native.sinkhorn_forward(z, 20), native.sinkhorn_backward(z, x[:, :, :4].contiguous(), 20)])
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*outputs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["hc", "mhc"])
+def test_a_training_step_agrees_with_and_without_the_kernels(kind, monkeypatch):
+    """Whole model, float32: loss and every gradient agree to float rounding."""
+    idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    results = []
+    for use in (True, False):
+        if not use:
+            monkeypatch.setattr(native, "usable", lambda *tensors, **kwargs: False)
+        model = build_model(tiny_model_config(connection=kind, n_streams=4), 16, seed=0)
+        _, loss, _ = model(idx, idx)
+        loss.backward()
+        results.append((loss.detach(), {name: p.grad for name, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=1e-6)
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grad, grads_b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_usable_only_for_contiguous_float_cpu_tensors():
+    x = torch.zeros(4, 3, 8)
+    assert native.usable(x, streams=3)
+    assert not native.usable(x.transpose(1, 2))
+    assert not native.usable(x.to(torch.bfloat16))
+    assert not native.usable(x, x.double())
+    assert not native.usable(x, streams=native.MAX_STREAMS + 1)
+
+
+def test_build_is_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("MHC_LAB_CACHE", str(tmp_path))
+    first = native._build(native._compiler())
+    assert first.parent == tmp_path and first.exists()
+    stamp = first.stat().st_mtime_ns
+    assert native._build(native._compiler()) == first and first.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
+
+
+def test_a_failed_build_falls_back_with_one_message(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MHC_LAB_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    native.reset()
+    try:
+        assert native.library() is None
+        assert native.library() is None  # tried once
+        assert not native.usable(torch.zeros(2, 2))
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "using torch ops" in err
+    finally:
+        native.reset()
+
+
+def test_switched_off_by_environment():
+    """MHC_LAB_NATIVE=0: nothing is built and the model runs on torch ops."""
+    code = (
+        "import torch\n"
+        "from mhc_lab import native\n"
+        "from mhc_lab.model import build_model\n"
+        "from mhc_lab.config import ModelConfig\n"
+        "m = build_model(ModelConfig(d_model=16, heads=2, depth=1, connection='mhc'), 8, 0)\n"
+        "m(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))[1].backward()\n"
+        "assert native.library() is None\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env={**_env(), "MHC_LAB_NATIVE": "0"}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+
+
+def _env() -> dict:
+    import os
+
+    return dict(os.environ)
