@@ -66,7 +66,7 @@ def _use_native(*tensors: torch.Tensor, streams: int = 1) -> bool:
     """True if the fused CPU kernels (mhc_lab/native) can compute with these tensors: plain
     contiguous float32/float64 CPU tensors in eager mode (never while torch.compile traces),
     and `streams` within what the mixing kernels take."""
-    if is_compiling() or any(type(t) is not torch.Tensor for t in tensors):
+    if is_compiling() or any(type(t) not in (torch.Tensor, nn.Parameter) for t in tensors):
         return False
     return native.usable(*tensors, streams=streams)
 
@@ -241,6 +241,54 @@ def rms_projection(v: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[t
     return proj.view(*v.shape[:-1], weight.shape[-1]), passed.view(v.shape)
 
 
+class _HcRead(torch.autograd.Function):
+    """HC's coefficients and the stream read in one pass over x (native kernels, CPU only):
+    the same values as `HyperConnection.alpha_beta` followed by `_StreamRead`.
+
+    x: (M, n, C); weight: (C, n + 2) = w * [W_m | W_r | W_beta]; static_alpha (n, 1 + n),
+    static_beta (n,), gate_alpha, gate_beta: 0-dim. Returns the sublayer input H_pre x (M, C),
+    H_res x (M, n, C), H_post (M, n) and H_res (M, n, n). The backward also makes one pass
+    over x and the two output gradients; what it leaves per token (the gradient of alpha and
+    inv * dL/dp) is summed here into the parameter gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, static_alpha, static_beta, gate_alpha, gate_beta, use_tanh: bool, eps: float):  # type: ignore[override]
+        weight_t = weight.t().contiguous()  # (n + 2, C)
+        s_a, s_b = float(gate_alpha), float(gate_beta)
+        y_in, y_mix, h_post, h_res, p, inv = native.hc_forward(
+            x, weight_t, static_alpha.contiguous(), static_beta.contiguous(), s_a, s_b, use_tanh, eps
+        )
+        ctx.save_for_backward(x, weight_t, static_alpha, p, inv)
+        ctx.gates, ctx.use_tanh = (s_a, s_b), use_tanh
+        return y_in, y_mix, h_post, h_res
+
+    @staticmethod
+    def backward(ctx, grad_in, grad_mixed, grad_post, grad_hres):  # type: ignore[override]
+        x, weight_t, static_alpha, p, inv = ctx.saved_tensors
+        m, n, c = x.shape
+        grad_in = x.new_zeros(m, c) if grad_in is None else grad_in.contiguous()
+        grad_mixed = torch.zeros_like(x) if grad_mixed is None else grad_mixed.contiguous()
+        grad_post = None if grad_post is None else grad_post.contiguous()
+        grad_hres = None if grad_hres is None else grad_hres.contiguous()
+        grad_x, grad_alpha, dp_scaled = native.hc_backward(
+            x, weight_t, static_alpha.contiguous(), *ctx.gates, ctx.use_tanh, p, inv,
+            grad_in, grad_mixed, grad_post, grad_hres,
+        )
+        t = torch.tanh(p) if ctx.use_tanh else p  # (M, n, n + 2)
+        # dL/dW = sum over tokens and streams of x_i^T (inv_i dL/dp_i), as (W^T)^T: (C, n + 2)
+        grad_weight = (dp_scaled.reshape(m * n, -1).t() @ x.reshape(m * n, c)).t()
+        grad_static_alpha = grad_alpha.sum(0)  # (n, 1 + n)
+        grad_gate_alpha = (grad_alpha * t[..., : n + 1]).sum()
+        if grad_post is None:
+            grad_static_beta = x.new_zeros(n)
+            grad_gate_beta = x.new_zeros(())
+        else:
+            grad_static_beta = grad_post.sum(0)
+            grad_gate_beta = (grad_post * t[..., n + 1]).sum()
+        return grad_x, grad_weight, grad_static_alpha, grad_static_beta, grad_gate_alpha, grad_gate_beta, None, None
+
+
 class ResidualConnection(nn.Module):
     """Plain pre-norm residual: x + F(x) (n = 1, H_res = H_pre = H_post = 1)."""
 
@@ -318,9 +366,25 @@ class HyperConnection(nn.Module):
         return h_pre, beta, h_res
 
     def forward(self, x: torch.Tensor, sublayer: Sublayer) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.dynamic and _use_native(x[:1, :1].contiguous(), self.static_alpha, streams=x.shape[-2]):
+            return self._fused_forward(x, sublayer)
         alpha, beta, x = self.alpha_beta(x)
         read = alpha.transpose(-1, -2)  # (B, T, 1 + n, n): A^T = [H_pre; H_res]
         return mix_read(x, read, beta, sublayer), read[..., 1:, :]
+
+    def _fused_forward(self, x: torch.Tensor, sublayer: Sublayer) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` with the coefficients and the read in one native pass (`_HcRead`)."""
+        b, t, n, c = x.shape
+        weights = torch.cat([self.dynamic_alpha, self.dynamic_beta.unsqueeze(-1)], dim=-1)
+        weights = self.norm.weight.unsqueeze(-1) * weights  # (C, 2 + n): w * [W_m | W_r | W_beta]
+        x_flat = x.reshape(b * t, n, c).contiguous()  # the first layer's x is an expanded view
+        layer_in, mixed, h_post, h_res = _HcRead.apply(
+            x_flat, weights, self.static_alpha, self.static_beta, self.gate_alpha, self.gate_beta,
+            self.use_tanh, self.norm.eps,
+        )
+        layer_out = sublayer(layer_in.view(b, t, c))  # (B, T, C): F(H_pre x)
+        out = _StreamWrite.apply(mixed, h_post, layer_out.reshape(b * t, c))
+        return out.view(b, t, n, c), h_res.view(b, t, n, n)
 
 
 class ManifoldHyperConnection(nn.Module):

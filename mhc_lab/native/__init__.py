@@ -40,7 +40,10 @@ SOURCES = (SOURCE, SOURCE.with_name("kernels_impl.h"))  # what the build hashes
 MAX_STREAMS = 8  # kernels.c: MAX_N
 FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c11"]
 _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
-_KERNELS = ("mhc_read_forward", "mhc_read_backward", "mhc_write_backward", "mhc_projection_grad")
+_KERNELS = (
+    "mhc_read_forward", "mhc_read_backward", "mhc_write_backward", "mhc_projection_grad",
+    "mhc_hc_forward", "mhc_hc_backward",
+)
 
 _library: Optional[ctypes.CDLL] = None
 _load_tried = False
@@ -101,8 +104,12 @@ def _build(cc: str) -> Path:
 
 def _declare(lib: ctypes.CDLL) -> None:
     """Argument types: pointers as void*, sizes int64, the thread count int."""
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
     for suffix in _DTYPES.values():
+        getattr(lib, f"mhc_hc_forward_{suffix}").argtypes = [
+            p, p, p, p, f64, f64, i32, f64, p, p, p, p, p, p, i64, i64, i64, i32]
+        getattr(lib, f"mhc_hc_backward_{suffix}").argtypes = [
+            p, p, p, f64, f64, i32, p, p, p, p, p, p, p, p, p, i64, i64, i64, i32]
         getattr(lib, f"mhc_read_forward_{suffix}").argtypes = [p, p, p, p, i64, i64, i64, i32]
         getattr(lib, f"mhc_read_backward_{suffix}").argtypes = [p, p, p, p, p, p, i64, i64, i64, i32]
         getattr(lib, f"mhc_write_backward_{suffix}").argtypes = [p, p, p, p, p, i64, i64, i64, i32]
@@ -233,3 +240,39 @@ def sinkhorn_backward(logits: torch.Tensor, grad_h: torch.Tensor, iters: int) ->
     if fn(logits.data_ptr(), grad_h.data_ptr(), grad.data_ptr(), m, n, iters, torch.get_num_threads()):
         raise MemoryError("mhc-lab: no memory for the Sinkhorn trace")
     return grad
+
+
+def hc_forward(
+    x: torch.Tensor, weight_t: torch.Tensor, static_alpha: torch.Tensor, static_beta: torch.Tensor,
+    gate_alpha: float, gate_beta: float, use_tanh: bool, eps: float,
+) -> tuple[torch.Tensor, ...]:
+    """HC's coefficients and read in one pass (kernels_impl.h, "HC"): x (M, n, C), weight_t
+    (n + 2, C) = (w * [W_m | W_r | W_beta])^T, static_alpha (n, n + 1), static_beta (n,).
+    Returns y_in (M, C), y_mix (M, n, C), h_post (M, n), h_res (M, n, n) and, for the
+    backward, p (M, n, n + 2) (the normalised projections) and inv (M, n) (1 / rms)."""
+    m, n, c = x.shape
+    y_in, y_mix = x.new_empty(m, c), x.new_empty(m, n, c)
+    h_post, h_res, p, inv = x.new_empty(m, n), x.new_empty(m, n, n), x.new_empty(m, n, n + 2), x.new_empty(m, n)
+    fn = getattr(library(), f"mhc_hc_forward_{_DTYPES[x.dtype]}")
+    fn(x.data_ptr(), weight_t.data_ptr(), static_alpha.data_ptr(), static_beta.data_ptr(), gate_alpha,
+       gate_beta, int(use_tanh), eps, y_in.data_ptr(), y_mix.data_ptr(), h_post.data_ptr(),
+       h_res.data_ptr(), p.data_ptr(), inv.data_ptr(), m, n, c, torch.get_num_threads())
+    return y_in, y_mix, h_post, h_res, p, inv
+
+
+def hc_backward(
+    x: torch.Tensor, weight_t: torch.Tensor, static_alpha: torch.Tensor, gate_alpha: float,
+    gate_beta: float, use_tanh: bool, p: torch.Tensor, inv: torch.Tensor, grad_in: torch.Tensor,
+    grad_mixed: torch.Tensor, grad_post: Optional[torch.Tensor], grad_hres: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of `hc_forward` in one pass: grad_x (M, n, C), the per-token gradient of
+    alpha (M, n, n + 1) and inv * dL/dp (M, n, n + 2), from which the caller sums the
+    parameter gradients."""
+    m, n, c = x.shape
+    grad_x, grad_alpha, dp_scaled = x.new_empty(m, n, c), x.new_empty(m, n, n + 1), x.new_empty(m, n, n + 2)
+    fn = getattr(library(), f"mhc_hc_backward_{_DTYPES[x.dtype]}")
+    fn(x.data_ptr(), weight_t.data_ptr(), static_alpha.data_ptr(), gate_alpha, gate_beta, int(use_tanh),
+       p.data_ptr(), inv.data_ptr(), grad_in.data_ptr(), grad_mixed.data_ptr(), _ptr(grad_post),
+       _ptr(grad_hres), grad_x.data_ptr(), grad_alpha.data_ptr(), dp_scaled.data_ptr(), m, n, c,
+       torch.get_num_threads())
+    return grad_x, grad_alpha, dp_scaled

@@ -45,14 +45,20 @@
 #define SUF f32
 #define EXP expf
 #define LOG logf
+#define SQRT sqrtf
+#define TANH tanhf
 #include "kernels_impl.h"
 #undef T
 #undef SUF
 #undef EXP
 #undef LOG
+#undef SQRT
+#undef TANH
 
 #define T double
 #define SUF f64
 #define EXP exp
 #define LOG log
+#define SQRT sqrt
+#define TANH tanh
 #include "kernels_impl.h"

@@ -358,3 +358,145 @@ void CAT(mhc_projection_grad, SUF)(const T *restrict v, const T *restrict passed
                                            D - c0 < PG_CHUNK ? D - c0 : PG_CHUNK, D, K);
     }
 }
+
+/* ---- HC: coefficients and stream read fused (connections.HyperConnection, dynamic) --------
+ * Per token and stream row x_i (C values), with K = n + 2 folded weight columns
+ * Wt = (w * [W_m | W_r | W_beta])^T, shape (K, C):
+ *   inv_i = 1 / sqrt(mean(x_i^2) + eps),  p_i = inv_i * (Wt x_i)         (K values)
+ *   t_i = tanh(p_i) (or p_i without tanh)
+ *   alpha_i = A_i + s_a * t_i[0..n],  beta_i = B_i + s_b * t_i[n + 1]     (HC paper, eq. in
+ *   DESIGN.md section 2: [H_pre^T | H_res^T] = alpha, H_post^T = beta)
+ *   read R[q][j] = alpha_j[q]: y_in = R[0] x, y_mix = R[1..n] x,  h_res[i][j] = R[1 + i][j].
+ * One pass over the token's streams: the norms, the projection and the read. */
+
+INLINE void CAT(hc_forward_token, SUF)(const T *restrict x, const T *restrict Wt,
+                                       const T *restrict A, const T *restrict Bv, const T s_a,
+                                       const T s_b, const int use_tanh, const T eps,
+                                       T *restrict y_in, T *restrict y_mix, T *restrict h_post,
+                                       T *restrict h_res, T *restrict p_out, T *restrict inv_out,
+                                       const int64_t n, const int64_t C)
+{
+    const int64_t K = n + 2;
+    T R[(MAX_N + 1) * MAX_N];
+    for (int64_t i = 0; i < n; i++) {
+        const T *restrict xi = x + i * C;
+        T ss = 0;
+        _Pragma("omp simd reduction(+:ss)")
+        for (int64_t c = 0; c < C; c++) ss += xi[c] * xi[c];
+        const T inv = 1 / SQRT(ss / (T)C + eps);
+        T raw[MAX_N + 2];
+        CAT(dot_rows, SUF)(xi, Wt, K, C, raw);
+        inv_out[i] = inv;
+        for (int64_t k = 0; k < K; k++) {
+            const T p = raw[k] * inv;
+            const T t = use_tanh ? TANH(p) : p;
+            p_out[i * K + k] = p;
+            if (k <= n)
+                R[k * n + i] = A[i * (n + 1) + k] + s_a * t;
+            else
+                h_post[i] = Bv[i] + s_b * t;
+        }
+    }
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t j = 0; j < n; j++) h_res[i * n + j] = R[(1 + i) * n + j];
+    CAT(read_forward_token, SUF)(x, R, y_in, y_mix, n, C);
+}
+
+/* x: (M, n, C), Wt: (K, C), A: (n, n + 1), Bv: (n,); outputs y_in (M, C), y_mix (M, n, C),
+ * h_post (M, n), h_res (M, n, n), and for the backward p (M, n, K), inv (M, n). */
+void CAT(mhc_hc_forward, SUF)(const T *restrict x, const T *restrict Wt, const T *restrict A,
+                              const T *restrict Bv, double s_a, double s_b, int use_tanh,
+                              double eps, T *restrict y_in, T *restrict y_mix,
+                              T *restrict h_post, T *restrict h_res, T *restrict p,
+                              T *restrict inv, int64_t M, int64_t n, int64_t C, int nt)
+{
+#define BODY(N)                                                                                \
+    _Pragma("omp parallel for num_threads(nt) schedule(static)")                              \
+    for (int64_t m = 0; m < M; m++)                                                            \
+        CAT(hc_forward_token, SUF)(x + m * N * C, Wt, A, Bv, (T)s_a, (T)s_b, use_tanh, (T)eps,  \
+                                   y_in + m * C, y_mix + m * N * C, h_post + m * N,             \
+                                   h_res + m * N * N, p + m * N * (N + 2), inv + m * N, N, C)
+    DISPATCH_N(n, BODY)
+#undef BODY
+}
+
+/* Backward of the above, per token: gy_0 = g_in, gy_{1+i} = g_mix[i]; g_post = dL/dH_post
+ * and g_hres = dL/dH_res may be NULL (zero).
+ *   dR[q][j] = <gy_q, x_j> (+ g_hres),  dalpha_j[q] = dR[q][j]  -> grad_alpha (n, n + 1)
+ *   dt_i = s_a * dalpha_i | s_b * g_post_i,  dp_i = dt_i * (1 - t_i^2) (tanh) or dt_i
+ *   dp_scaled_i = inv_i * dp_i                      (for dL/dW = sum x_i^T dp_scaled_i)
+ *   grad_x_j = sum_q R[q][j] gy_q + Wt^T dp_scaled_j - x_j * inv_j^2 / C * <dp_j, p_j>
+ * One pass over the token's streams and their gradients. */
+INLINE void CAT(hc_backward_token, SUF)(const T *restrict x, const T *restrict Wt,
+                                        const T *restrict A, const T s_a, const T s_b,
+                                        const int use_tanh, const T *restrict p,
+                                        const T *restrict inv, const T *restrict g_in,
+                                        const T *restrict g_mix, const T *restrict g_post,
+                                        const T *restrict g_hres, T *restrict grad_x,
+                                        T *restrict grad_alpha, T *restrict dp_scaled,
+                                        const int64_t n, const int64_t C)
+{
+    const int64_t K = n + 2;
+    T R[(MAX_N + 1) * MAX_N], dR[(MAX_N + 1) * MAX_N], coef[MAX_N];
+    const T *gy[MAX_N + 1];
+    gy[0] = g_in;
+    for (int64_t q = 0; q < n; q++) gy[q + 1] = g_mix + q * C;
+    for (int64_t q = 0; q <= n; q++) CAT(dot_rows, SUF)(gy[q], x, n, C, dR + q * n);
+    if (g_hres)
+        for (int64_t k = 0; k < n * n; k++) dR[n + k] += g_hres[k];
+    for (int64_t i = 0; i < n; i++) {
+        T sdp = 0;
+        for (int64_t k = 0; k < K; k++) {
+            const T pk = p[i * K + k];
+            const T t = use_tanh ? TANH(pk) : pk;
+            T dt;
+            if (k <= n) {
+                R[k * n + i] = A[i * (n + 1) + k] + s_a * t;
+                grad_alpha[i * (n + 1) + k] = dR[k * n + i];
+                dt = s_a * dR[k * n + i];
+            } else {
+                dt = g_post ? s_b * g_post[i] : 0;
+            }
+            const T dp = use_tanh ? dt * (1 - t * t) : dt;
+            sdp += dp * pk;
+            dp_scaled[i * K + k] = inv[i] * dp;
+        }
+        coef[i] = -sdp * inv[i] * inv[i] / (T)C;
+    }
+    for (int64_t j = 0; j < n; j++) {
+        T r[MAX_N + 1], w[MAX_N + 2];
+        for (int64_t q = 0; q <= n; q++) r[q] = R[q * n + j];
+        for (int64_t k = 0; k < K; k++) w[k] = dp_scaled[j * K + k];
+        const T cj = coef[j];
+        const T *restrict xj = x + j * C;
+        T *restrict gx = grad_x + j * C;
+        for (int64_t c = 0; c < C; c++) {
+            T acc = cj * xj[c];
+            for (int64_t q = 0; q <= n; q++) acc += r[q] * gy[q][c];
+            for (int64_t k = 0; k < K; k++) acc += w[k] * Wt[k * C + c];
+            gx[c] = acc;
+        }
+    }
+}
+
+/* grad_x (M, n, C), grad_alpha (M, n, n + 1), dp_scaled (M, n, K) out. */
+void CAT(mhc_hc_backward, SUF)(const T *restrict x, const T *restrict Wt, const T *restrict A,
+                               double s_a, double s_b, int use_tanh, const T *restrict p,
+                               const T *restrict inv, const T *restrict g_in,
+                               const T *restrict g_mix, const T *restrict g_post,
+                               const T *restrict g_hres, T *restrict grad_x,
+                               T *restrict grad_alpha, T *restrict dp_scaled, int64_t M,
+                               int64_t n, int64_t C, int nt)
+{
+#define BODY(N)                                                                                \
+    _Pragma("omp parallel for num_threads(nt) schedule(static)")                              \
+    for (int64_t m = 0; m < M; m++)                                                            \
+        CAT(hc_backward_token, SUF)(x + m * N * C, Wt, A, (T)s_a, (T)s_b, use_tanh,             \
+                                    p + m * N * (N + 2), inv + m * N, g_in + m * C,             \
+                                    g_mix + m * N * C, g_post ? g_post + m * N : NULL,          \
+                                    g_hres ? g_hres + m * N * N : NULL, grad_x + m * N * C,     \
+                                    grad_alpha + m * N * (N + 1), dp_scaled + m * N * (N + 2),  \
+                                    N, C)
+    DISPATCH_N(n, BODY)
+#undef BODY
+}
