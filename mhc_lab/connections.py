@@ -289,6 +289,45 @@ class _HcRead(torch.autograd.Function):
         return grad_x, grad_weight, grad_static_alpha, grad_static_beta, grad_gate_alpha, grad_gate_beta, None, None
 
 
+class _MhcRead(torch.autograd.Function):
+    """mHC's coefficients and the stream read with one matmul and one native pass over x
+    (CPU only): the same values as `ManifoldHyperConnection._coefficients` followed by
+    `_StreamRead`.
+
+    x: (M, n, C); phi: (nC, 2n + n^2) with the norm weight and the gates folded in; bias:
+    (2n + n^2,) = [b_pre | b_post | vec(b_res)]. Returns the sublayer input H_pre x (M, C),
+    H_res x (M, n, C), H_post (M, n) and H_res (M, n, n). The backward makes one native pass
+    (gates, Sinkhorn-Knopp, the read) and adds the projection's term with one matmul.
+    """
+
+    @staticmethod
+    def forward(ctx, x, phi, bias, iters: int, eps: float):  # type: ignore[override]
+        m, n, c = x.shape
+        v = x.view(m, n * c)
+        raw = (phi.t() @ v.t()).t().to(x.dtype).contiguous()  # (M, K): vec(x) @ phi (autocast: bf16)
+        y_in, y_mix, h_post, h_res, logits, inv = native.mhc_forward(x, raw, bias.contiguous(), eps, iters)
+        ctx.save_for_backward(x, phi, bias, logits, inv)
+        ctx.iters = iters
+        return y_in, y_mix, h_post, h_res
+
+    @staticmethod
+    def backward(ctx, grad_in, grad_mixed, grad_post, grad_hres):  # type: ignore[override]
+        x, phi, bias, logits, inv = ctx.saved_tensors
+        m, n, c = x.shape
+        grad_in = x.new_zeros(m, c) if grad_in is None else grad_in.contiguous()
+        grad_mixed = torch.zeros_like(x) if grad_mixed is None else grad_mixed.contiguous()
+        grad_post = None if grad_post is None else grad_post.contiguous()
+        grad_hres = None if grad_hres is None else grad_hres.contiguous()
+        grad_x, dlogits = native.mhc_backward(
+            x, logits, inv, bias.contiguous(), ctx.iters, grad_in, grad_mixed, grad_post, grad_hres
+        )
+        grad_proj = dlogits * inv.unsqueeze(-1)  # (M, K): dL/d(vec(x) @ phi)
+        v = x.view(m, n * c)
+        grad_x.view(m, n * c).addmm_(grad_proj, phi.t())  # our own buffer: accumulate in place
+        grad_phi = (grad_proj.t() @ v).t()  # (nC, K)
+        return grad_x, grad_phi, dlogits.sum(0), None, None
+
+
 class ResidualConnection(nn.Module):
     """Plain pre-norm residual: x + F(x) (n = 1, H_res = H_pre = H_post = 1)."""
 
@@ -439,17 +478,24 @@ class ManifoldHyperConnection(nn.Module):
         """H_pre (B, T, n), H_post (B, T, n), H_res (B, T, n, n) for x: (B, T, n, C)."""
         return self._coefficients(x)[:3]
 
+    def _folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """phi with the RMSNorm weight and the gates a_* folded in, (nC, 2n + n*n), and the
+        biases [b_pre | b_post | vec(b_res)], (2n + n*n,)."""
+        n = self.n
+        gates = torch.cat(
+            [self.gate_pre.expand(n), self.gate_post.expand(n), self.gate_res.expand(n * n)]
+        )  # (2n + n*n,): a_pre, a_post, a_res per column
+        bias = torch.cat([self.bias_pre, self.bias_post, self.bias_res.flatten()])  # (2n + n*n,)
+        phi = self.norm_weight.unsqueeze(-1) * self.dynamic_phi * gates  # (nC, 2n + n*n)
+        return phi, bias
+
     def _coefficients(
         self, x: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """`coefficients`, and x as passed through the projection (`rms_projection`)."""
         n = self.n
         v = x.flatten(-2)  # (B, T, nC)
-        gates = torch.cat(
-            [self.gate_pre.expand(n), self.gate_post.expand(n), self.gate_res.expand(n * n)]
-        )  # (2n + n*n,): a_pre, a_post, a_res per column
-        bias = torch.cat([self.bias_pre, self.bias_post, self.bias_res.flatten()])  # (2n + n*n,)
-        phi = self.norm_weight.unsqueeze(-1) * self.dynamic_phi * gates  # (nC, 2n + n*n)
+        phi, bias = self._folded()
         # a * (RMSNorm(v) @ phi) + b, with 1/rms(v) applied after the matmul: (B, T, 2n + n*n)
         proj, v = rms_projection(v, phi, self.eps)
         logits = proj + bias
@@ -460,8 +506,20 @@ class ManifoldHyperConnection(nn.Module):
         return h_pre, h_post, h_res, v.view(x.shape)  # h_res: (B, T, n, n)
 
     def forward(self, x: torch.Tensor, sublayer: Sublayer) -> tuple[torch.Tensor, torch.Tensor]:
+        if _use_native(x[:1, :1].contiguous(), self.dynamic_phi, streams=self.n):
+            return self._fused_forward(x, sublayer)
         h_pre, h_post, h_res, x = self._coefficients(x)
         return mix_streams(x, h_pre, h_post, h_res, sublayer), h_res
+
+    def _fused_forward(self, x: torch.Tensor, sublayer: Sublayer) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` with the coefficients and the read in one native pass (`_MhcRead`)."""
+        b, t, n, c = x.shape
+        phi, bias = self._folded()
+        x_flat = x.reshape(b * t, n, c).contiguous()  # the first layer's x is an expanded view
+        layer_in, mixed, h_post, h_res = _MhcRead.apply(x_flat, phi, bias, self.sinkhorn_iters, self.eps)
+        layer_out = sublayer(layer_in.view(b, t, c))  # (B, T, C): F(H_pre x)
+        out = _StreamWrite.apply(mixed, h_post, layer_out.reshape(b * t, c))
+        return out.view(b, t, n, c), h_res.view(b, t, n, n)
 
 
 def build_connection(cfg: ModelConfig, layer_index: int) -> nn.Module:

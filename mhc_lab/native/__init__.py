@@ -42,7 +42,7 @@ FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c11"]
 _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 _KERNELS = (
     "mhc_read_forward", "mhc_read_backward", "mhc_write_backward", "mhc_projection_grad",
-    "mhc_hc_forward", "mhc_hc_backward",
+    "mhc_hc_forward", "mhc_hc_backward", "mhc_mhc_forward", "mhc_mhc_backward",
 )
 
 _library: Optional[ctypes.CDLL] = None
@@ -110,6 +110,10 @@ def _declare(lib: ctypes.CDLL) -> None:
             p, p, p, p, f64, f64, i32, f64, p, p, p, p, p, p, i64, i64, i64, i32]
         getattr(lib, f"mhc_hc_backward_{suffix}").argtypes = [
             p, p, p, f64, f64, i32, p, p, p, p, p, p, p, p, p, i64, i64, i64, i32]
+        getattr(lib, f"mhc_mhc_forward_{suffix}").argtypes = [
+            p, p, p, f64, i64, p, p, p, p, p, p, i64, i64, i64, i32]
+        getattr(lib, f"mhc_mhc_backward_{suffix}").argtypes = [
+            p, p, p, p, i64, p, p, p, p, p, p, i64, i64, i64, i32]
         getattr(lib, f"mhc_read_forward_{suffix}").argtypes = [p, p, p, p, i64, i64, i64, i32]
         getattr(lib, f"mhc_read_backward_{suffix}").argtypes = [p, p, p, p, p, p, i64, i64, i64, i32]
         getattr(lib, f"mhc_write_backward_{suffix}").argtypes = [p, p, p, p, p, i64, i64, i64, i32]
@@ -119,6 +123,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         for name in _KERNELS:
             getattr(lib, f"{name}_{suffix}").restype = None
         getattr(lib, f"mhc_sinkhorn_forward_{suffix}").restype = i32
+        getattr(lib, f"mhc_mhc_forward_{suffix}").restype = i32
+        getattr(lib, f"mhc_mhc_backward_{suffix}").restype = i32
         getattr(lib, f"mhc_sinkhorn_backward_{suffix}").restype = i32
 
 
@@ -167,11 +173,24 @@ def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
 
+def _kernel(name: str, *tensors: Optional[torch.Tensor]):
+    """The kernel `name` for the tensors' dtype, after checking that they are what it
+    reads: contiguous CPU tensors of one float dtype (a mismatch would corrupt memory)."""
+    given = [t for t in tensors if t is not None]
+    dtype = given[0].dtype
+    for t in given:
+        if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(f"mhc-lab native {name}: needs contiguous CPU tensors of one dtype")
+    if dtype not in _DTYPES:
+        raise ValueError(f"mhc-lab native {name}: float32 or float64 only, got {dtype}")
+    return getattr(library(), f"{name}_{_DTYPES[dtype]}")
+
+
 def read_forward(x: torch.Tensor, read: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(R[:, 0] x, R[:, 1:] x) per token: x (M, n, C), read (M, n + 1, n) -> (M, C), (M, n, C)."""
     m, n, c = x.shape
     y_in, y_mix = x.new_empty(m, c), x.new_empty(m, n, c)
-    fn = getattr(library(), f"mhc_read_forward_{_DTYPES[x.dtype]}")
+    fn = _kernel("mhc_read_forward", x, read)
     fn(x.data_ptr(), read.data_ptr(), y_in.data_ptr(), y_mix.data_ptr(), m, n, c, torch.get_num_threads())
     return y_in, y_mix
 
@@ -188,7 +207,7 @@ def read_backward(
     m, n, c = x.shape
     grad_x = x.new_empty(m, n, c) if need_x else None
     grad_read = x.new_empty(m, n + 1, n) if need_read else None
-    fn = getattr(library(), f"mhc_read_backward_{_DTYPES[x.dtype]}")
+    fn = _kernel("mhc_read_backward", x, read, grad_in, grad_mixed)
     fn(x.data_ptr(), read.data_ptr(), grad_in.data_ptr(), grad_mixed.data_ptr(),
        _ptr(grad_x), _ptr(grad_read), m, n, c, torch.get_num_threads())
     return grad_x, grad_read
@@ -201,7 +220,7 @@ def write_backward(
     m, n, c = grad.shape
     grad_post = grad.new_empty(m, n) if need_post else None
     grad_out = grad.new_empty(m, c) if need_out else None
-    fn = getattr(library(), f"mhc_write_backward_{_DTYPES[grad.dtype]}")
+    fn = _kernel("mhc_write_backward", grad, layer_out, h_post)
     fn(grad.data_ptr(), layer_out.data_ptr(), h_post.data_ptr(), _ptr(grad_out), _ptr(grad_post),
        m, n, c, torch.get_num_threads())
     return grad_post, grad_out
@@ -216,7 +235,7 @@ def projection_grad(
     m, d = v.shape
     out = torch.empty_like(v)
     weight_t = weight.t().contiguous()  # (K, D)
-    fn = getattr(library(), f"mhc_projection_grad_{_DTYPES[v.dtype]}")
+    fn = _kernel("mhc_projection_grad", v, passed, grad_proj, weight_t, coef)
     fn(v.data_ptr(), _ptr(passed), grad_proj.data_ptr(), weight_t.data_ptr(), coef.data_ptr(),
        out.data_ptr(), m, d, weight.shape[1], torch.get_num_threads())
     return out
@@ -226,7 +245,7 @@ def sinkhorn_forward(logits: torch.Tensor, iters: int) -> torch.Tensor:
     """Sinkhorn-Knopp of logits (M, n, n), iters >= 1 (the steps of sinkhorn._iterate)."""
     m, n, _ = logits.shape
     out = torch.empty_like(logits)
-    fn = getattr(library(), f"mhc_sinkhorn_forward_{_DTYPES[logits.dtype]}")
+    fn = _kernel("mhc_sinkhorn_forward", logits)
     if fn(logits.data_ptr(), out.data_ptr(), m, n, iters, torch.get_num_threads()):
         raise MemoryError("mhc-lab: no memory for the Sinkhorn scratch")
     return out
@@ -236,7 +255,7 @@ def sinkhorn_backward(logits: torch.Tensor, grad_h: torch.Tensor, iters: int) ->
     """d loss / d logits (M, n, n) from d loss / d H, recomputing the iterations."""
     m, n, _ = logits.shape
     grad = torch.empty_like(logits)
-    fn = getattr(library(), f"mhc_sinkhorn_backward_{_DTYPES[logits.dtype]}")
+    fn = _kernel("mhc_sinkhorn_backward", logits, grad_h)
     if fn(logits.data_ptr(), grad_h.data_ptr(), grad.data_ptr(), m, n, iters, torch.get_num_threads()):
         raise MemoryError("mhc-lab: no memory for the Sinkhorn trace")
     return grad
@@ -253,7 +272,7 @@ def hc_forward(
     m, n, c = x.shape
     y_in, y_mix = x.new_empty(m, c), x.new_empty(m, n, c)
     h_post, h_res, p, inv = x.new_empty(m, n), x.new_empty(m, n, n), x.new_empty(m, n, n + 2), x.new_empty(m, n)
-    fn = getattr(library(), f"mhc_hc_forward_{_DTYPES[x.dtype]}")
+    fn = _kernel("mhc_hc_forward", x, weight_t, static_alpha, static_beta)
     fn(x.data_ptr(), weight_t.data_ptr(), static_alpha.data_ptr(), static_beta.data_ptr(), gate_alpha,
        gate_beta, int(use_tanh), eps, y_in.data_ptr(), y_mix.data_ptr(), h_post.data_ptr(),
        h_res.data_ptr(), p.data_ptr(), inv.data_ptr(), m, n, c, torch.get_num_threads())
@@ -270,9 +289,44 @@ def hc_backward(
     parameter gradients."""
     m, n, c = x.shape
     grad_x, grad_alpha, dp_scaled = x.new_empty(m, n, c), x.new_empty(m, n, n + 1), x.new_empty(m, n, n + 2)
-    fn = getattr(library(), f"mhc_hc_backward_{_DTYPES[x.dtype]}")
+    fn = _kernel("mhc_hc_backward", x, weight_t, static_alpha, p, inv, grad_in, grad_mixed, grad_post, grad_hres)
     fn(x.data_ptr(), weight_t.data_ptr(), static_alpha.data_ptr(), gate_alpha, gate_beta, int(use_tanh),
        p.data_ptr(), inv.data_ptr(), grad_in.data_ptr(), grad_mixed.data_ptr(), _ptr(grad_post),
        _ptr(grad_hres), grad_x.data_ptr(), grad_alpha.data_ptr(), dp_scaled.data_ptr(), m, n, c,
        torch.get_num_threads())
     return grad_x, grad_alpha, dp_scaled
+
+
+def mhc_forward(
+    x: torch.Tensor, raw: torch.Tensor, bias: torch.Tensor, eps: float, iters: int
+) -> tuple[torch.Tensor, ...]:
+    """mHC's coefficients and read in one pass (kernels_impl.h, "mHC"): x (M, n, C), raw =
+    vec(x) @ phi (M, 2n + n^2), bias (2n + n^2,). Returns y_in (M, C), y_mix (M, n, C),
+    h_post (M, n), h_res (M, n, n) and, for the backward, the logits (M, 2n + n^2) and
+    inv = 1 / rms(vec(x)) (M,)."""
+    m, n, c = x.shape
+    y_in, y_mix = x.new_empty(m, c), x.new_empty(m, n, c)
+    h_post, h_res, logits, inv = x.new_empty(m, n), x.new_empty(m, n, n), torch.empty_like(raw), x.new_empty(m)
+    fn = _kernel("mhc_mhc_forward", x, raw, bias)
+    if fn(x.data_ptr(), raw.data_ptr(), bias.data_ptr(), eps, iters, y_in.data_ptr(), y_mix.data_ptr(),
+          h_post.data_ptr(), h_res.data_ptr(), logits.data_ptr(), inv.data_ptr(), m, n, c,
+          torch.get_num_threads()):
+        raise MemoryError("mhc-lab: no memory for the mHC kernel's scratch")
+    return y_in, y_mix, h_post, h_res, logits, inv
+
+
+def mhc_backward(
+    x: torch.Tensor, logits: torch.Tensor, inv: torch.Tensor, bias: torch.Tensor, iters: int,
+    grad_in: torch.Tensor, grad_mixed: torch.Tensor, grad_post: Optional[torch.Tensor],
+    grad_hres: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward of `mhc_forward` up to the projection: grad_x (M, n, C) without the
+    projection's term (inv * dlogits) @ phi^T, which the caller adds, and dL/dlogits."""
+    m, n, c = x.shape
+    grad_x, dlogits = torch.empty_like(x), torch.empty_like(logits)
+    fn = _kernel("mhc_mhc_backward", x, logits, inv, bias, grad_in, grad_mixed, grad_post, grad_hres)
+    if fn(x.data_ptr(), logits.data_ptr(), inv.data_ptr(), bias.data_ptr(), iters, grad_in.data_ptr(),
+          grad_mixed.data_ptr(), _ptr(grad_post), _ptr(grad_hres), grad_x.data_ptr(), dlogits.data_ptr(),
+          m, n, c, torch.get_num_threads()):
+        raise MemoryError("mhc-lab: no memory for the mHC kernel's scratch")
+    return grad_x, dlogits

@@ -153,13 +153,15 @@ void CAT(mhc_write_backward, SUF)(const T *restrict g, const T *restrict F,
 #define SK_BLOCK 64
 #endif
 
-static void CAT(sinkhorn_block, SUF)(const T *z, int64_t nb, int64_t n, int64_t iters,
-                                     T *restrict h, T *restrict lp, T *restrict trace)
+static void CAT(sinkhorn_block, SUF)(const T *z, int64_t zstride, int64_t nb, int64_t n,
+                                     int64_t iters, T *restrict h, T *restrict lp,
+                                     T *restrict trace)
 {
+    /* token b's logits are z[b * zstride + (0 .. n * n - 1)] */
     const int64_t nn = n * n;
     T mx[SK_BLOCK], s[SK_BLOCK];
     for (int64_t k = 0; k < nn; k++)
-        for (int64_t b = 0; b < nb; b++) lp[k * SK_BLOCK + b] = z[b * nn + k];
+        for (int64_t b = 0; b < nb; b++) lp[k * SK_BLOCK + b] = z[b * zstride + k];
     for (int64_t j = 0; j < n; j++) { /* log-softmax over i of column j */
         for (int64_t b = 0; b < nb; b++) mx[b] = lp[j * SK_BLOCK + b];
         for (int64_t i = 1; i < n; i++)
@@ -224,6 +226,30 @@ static void CAT(sinkhorn_block, SUF)(const T *z, int64_t nb, int64_t n, int64_t 
     }
 }
 
+/* The backward steps on a block: w = dH * H on entry (entry-major, SK_BLOCK lanes), dz on
+ * return; trace from sinkhorn_block. Each step Y = X / sum_d X, backwards:
+ * W <- W - Y * sum_d(W) (see sinkhorn._iterate_backward). */
+static void CAT(sinkhorn_block_backward, SUF)(T *restrict w, const T *restrict trace, int64_t n,
+                                              int64_t iters)
+{
+    const int64_t nn = n * n;
+    for (int64_t step = 2 * iters - 1; step >= 0; step--) {
+        const T *y = trace + step * nn * SK_BLOCK;
+        /* column steps (even) sum over i along column a; row steps (odd) over j along row a */
+        const int64_t line = step % 2 == 0 ? 1 : n, across = step % 2 == 0 ? n : 1;
+        T sum[SK_BLOCK];
+        for (int64_t a = 0; a < n; a++) {
+            const int64_t base = a * line;
+            for (int64_t b = 0; b < SK_BLOCK; b++) sum[b] = 0;
+            for (int64_t e = 0; e < n; e++)
+                for (int64_t b = 0; b < SK_BLOCK; b++) sum[b] += w[(base + e * across) * SK_BLOCK + b];
+            for (int64_t e = 0; e < n; e++)
+                for (int64_t b = 0; b < SK_BLOCK; b++)
+                    w[(base + e * across) * SK_BLOCK + b] -= y[(base + e * across) * SK_BLOCK + b] * sum[b];
+        }
+    }
+}
+
 /* Per-thread scratch: h, lp and (backward) the trace; h and lp start finite (all ones). */
 static T *CAT(sinkhorn_scratch, SUF)(int64_t n, int64_t iters, int with_trace)
 {
@@ -250,7 +276,7 @@ int CAT(mhc_sinkhorn_forward, SUF)(const T *restrict z, T *restrict h, int64_t M
             const int64_t m0 = blk * SK_BLOCK;
             const int64_t nb = M - m0 < SK_BLOCK ? M - m0 : SK_BLOCK;
             T *hb = buf, *lp = buf + nn * SK_BLOCK;
-            CAT(sinkhorn_block, SUF)(z + m0 * nn, nb, n, iters, hb, lp, NULL);
+            CAT(sinkhorn_block, SUF)(z + m0 * nn, nn, nb, n, iters, hb, lp, NULL);
             for (int64_t b = 0; b < nb; b++)
                 for (int64_t k = 0; k < nn; k++) h[(m0 + b) * nn + k] = hb[k * SK_BLOCK + b];
         }
@@ -259,8 +285,7 @@ int CAT(mhc_sinkhorn_forward, SUF)(const T *restrict z, T *restrict h, int64_t M
     return failed ? -1 : 0;
 }
 
-/* dz from dH: recompute the steps, then for each step Y = X / sum_d X backwards,
- * W <- W - Y * sum_d(W), starting from W = dH * H (see sinkhorn._iterate_backward).
+/* dz from dH: recompute the steps, then sinkhorn_block_backward from W = dH * H.
  * Returns 0, or -1 if scratch memory could not be had. */
 int CAT(mhc_sinkhorn_backward, SUF)(const T *restrict z, const T *restrict grad_h,
                                     T *restrict grad_z, int64_t M, int64_t n, int64_t iters,
@@ -278,27 +303,10 @@ int CAT(mhc_sinkhorn_backward, SUF)(const T *restrict z, const T *restrict grad_
             const int64_t m0 = blk * SK_BLOCK;
             const int64_t nb = M - m0 < SK_BLOCK ? M - m0 : SK_BLOCK;
             T *w = buf, *lp = buf + nn * SK_BLOCK, *trace = buf + 2 * nn * SK_BLOCK;
-            CAT(sinkhorn_block, SUF)(z + m0 * nn, nb, n, iters, w, lp, trace);
+            CAT(sinkhorn_block, SUF)(z + m0 * nn, nn, nb, n, iters, w, lp, trace);
             for (int64_t b = 0; b < nb; b++) /* W = dH * H */
                 for (int64_t k = 0; k < nn; k++) w[k * SK_BLOCK + b] *= grad_h[(m0 + b) * nn + k];
-            for (int64_t step = 2 * iters - 1; step >= 0; step--) {
-                const T *y = trace + step * nn * SK_BLOCK;
-                /* column steps (even) sum over i along column a; row steps (odd) over j
-                 * along row a */
-                const int64_t line = step % 2 == 0 ? 1 : n, across = step % 2 == 0 ? n : 1;
-                T sum[SK_BLOCK];
-                for (int64_t a = 0; a < n; a++) {
-                    const int64_t base = a * line;
-                    for (int64_t b = 0; b < SK_BLOCK; b++) sum[b] = 0;
-                    for (int64_t e = 0; e < n; e++)
-                        for (int64_t b = 0; b < SK_BLOCK; b++)
-                            sum[b] += w[(base + e * across) * SK_BLOCK + b];
-                    for (int64_t e = 0; e < n; e++)
-                        for (int64_t b = 0; b < SK_BLOCK; b++)
-                            w[(base + e * across) * SK_BLOCK + b] -=
-                                y[(base + e * across) * SK_BLOCK + b] * sum[b];
-                }
-            }
+            CAT(sinkhorn_block_backward, SUF)(w, trace, n, iters);
             for (int64_t b = 0; b < nb; b++)
                 for (int64_t k = 0; k < nn; k++) grad_z[(m0 + b) * nn + k] = w[k * SK_BLOCK + b];
         }
@@ -499,4 +507,188 @@ void CAT(mhc_hc_backward, SUF)(const T *restrict x, const T *restrict Wt, const 
                                     N, C)
     DISPATCH_N(n, BODY)
 #undef BODY
+}
+
+/* ---- mHC: coefficients and stream read fused (connections.ManifoldHyperConnection) --------
+ * Per token, with v = x (n * C values), K = 2n + n^2 and raw = v @ phi (the caller's matmul,
+ * phi with the norm weight and the gates folded in):
+ *   inv = 1 / sqrt(mean(v^2) + eps),  logits = inv * raw + bias
+ *   H_pre = sigmoid(logits[0, n)),  H_post = 2 sigmoid(logits[n, 2n)),
+ *   H_res = SinkhornKnopp(logits[2n, K)) (exp for iters = 0)           (mHC paper, DESIGN.md 2)
+ *   and the read with R = [H_pre; H_res]: y_in = R[0] x, y_mix = R[1..n] x.
+ * Tokens go in blocks of SK_BLOCK: norms and gates per token, Sinkhorn-Knopp over the block
+ * (vectorised over tokens), the read per token while the block's streams are in cache. */
+
+INLINE T CAT(sigmoid, SUF)(const T a) { return 1 / (1 + EXP(-a)); }
+
+/* Per-thread scratch of the mHC kernels: Sinkhorn's (h, lp[, trace]) and two (n + 1) x n
+ * matrices per token of a block (R and its gradient). */
+static T *CAT(mhc_scratch, SUF)(int64_t n, int64_t iters, int with_trace)
+{
+    const size_t sk = (size_t)(n * n * SK_BLOCK) * (2 + (with_trace ? 2 * (size_t)iters : 0));
+    T *buf = malloc(sizeof(T) * (sk + 2 * (size_t)((n + 1) * n * SK_BLOCK)));
+    if (buf)
+        for (size_t k = 0; k < sk; k++) buf[k] = 1; /* finite lanes past a partial block */
+    return buf;
+}
+
+INLINE void CAT(read_forward_block, SUF)(const T *restrict x, const T *restrict R,
+                                         T *restrict y_in, T *restrict y_mix, const int64_t nb,
+                                         const int64_t n, const int64_t C)
+{
+    for (int64_t b = 0; b < nb; b++)
+        CAT(read_forward_token, SUF)(x + b * n * C, R + b * (n + 1) * n, y_in + b * C,
+                                     y_mix + b * n * C, n, C);
+}
+
+/* x: (M, n, C), raw: (M, K), bias: (K,); outputs y_in (M, C), y_mix (M, n, C), h_post (M, n),
+ * h_res (M, n, n) and, for the backward, logits (M, K), inv (M,). Returns 0, or -1 if scratch
+ * memory could not be had. */
+int CAT(mhc_mhc_forward, SUF)(const T *restrict x, const T *restrict raw, const T *restrict bias,
+                              double eps, int64_t iters, T *restrict y_in, T *restrict y_mix,
+                              T *restrict h_post, T *restrict h_res, T *restrict logits,
+                              T *restrict inv, int64_t M, int64_t n, int64_t C, int nt)
+{
+    int failed = 0;
+    const int64_t nn = n * n, K = 2 * n + nn, D = n * C, blocks = (M + SK_BLOCK - 1) / SK_BLOCK;
+    _Pragma("omp parallel num_threads(nt) reduction(|:failed)")
+    {
+        T *buf = CAT(mhc_scratch, SUF)(n, iters, 0);
+        if (!buf) failed = 1;
+        T *hb = buf, *lp = buf + nn * SK_BLOCK, *R = buf + 2 * nn * SK_BLOCK;
+        _Pragma("omp for schedule(static)")
+        for (int64_t blk = 0; blk < blocks; blk++) {
+            if (!buf) continue;
+            const int64_t m0 = blk * SK_BLOCK;
+            const int64_t nb = M - m0 < SK_BLOCK ? M - m0 : SK_BLOCK;
+            for (int64_t b = 0; b < nb; b++) {
+                const int64_t m = m0 + b;
+                const T *restrict v = x + m * D;
+                T ss = 0;
+                _Pragma("omp simd reduction(+:ss)")
+                for (int64_t c = 0; c < D; c++) ss += v[c] * v[c];
+                const T r = 1 / SQRT(ss / (T)D + (T)eps);
+                inv[m] = r;
+                T *lg = logits + m * K;
+                for (int64_t k = 0; k < K; k++) lg[k] = raw[m * K + k] * r + bias[k];
+                for (int64_t j = 0; j < n; j++) R[b * (n + 1) * n + j] = CAT(sigmoid, SUF)(lg[j]);
+                for (int64_t i = 0; i < n; i++) h_post[m * n + i] = 2 * CAT(sigmoid, SUF)(lg[n + i]);
+            }
+            if (iters > 0)
+                CAT(sinkhorn_block, SUF)(logits + m0 * K + 2 * n, K, nb, n, iters, hb, lp, NULL);
+            for (int64_t b = 0; b < nb; b++)
+                for (int64_t k = 0; k < nn; k++) {
+                    const T h = iters > 0 ? hb[k * SK_BLOCK + b] : EXP(logits[(m0 + b) * K + 2 * n + k]);
+                    R[b * (n + 1) * n + n + k] = h;
+                    h_res[(m0 + b) * nn + k] = h;
+                }
+#define BODY(N) CAT(read_forward_block, SUF)(x + m0 * D, R, y_in + m0 * C, y_mix + m0 * D, nb, N, C)
+            DISPATCH_N(n, BODY)
+#undef BODY
+        }
+        free(buf);
+    }
+    return failed ? -1 : 0;
+}
+
+/* grad_x_j = sum_q R[q][j] gy_q + coef * x_j for one token. */
+INLINE void CAT(mixed_grad_token, SUF)(const T *restrict x, const T *restrict R,
+                                       const T *restrict g_in, const T *restrict g_mix,
+                                       const T coef, T *restrict grad_x, const int64_t n,
+                                       const int64_t C)
+{
+    for (int64_t j = 0; j < n; j++) {
+        T r[MAX_N + 1];
+        for (int64_t q = 0; q <= n; q++) r[q] = R[q * n + j];
+        const T *restrict xj = x + j * C;
+        T *restrict gx = grad_x + j * C;
+        for (int64_t c = 0; c < C; c++) {
+            T acc = coef * xj[c] + r[0] * g_in[c];
+            for (int64_t q = 1; q <= n; q++) acc += r[q] * g_mix[(q - 1) * C + c];
+            gx[c] = acc;
+        }
+    }
+}
+
+INLINE void CAT(mixed_grad_block, SUF)(const T *restrict x, const T *restrict R,
+                                       const T *restrict g_in, const T *restrict g_mix,
+                                       const T *restrict coef, T *restrict grad_x,
+                                       const int64_t nb, const int64_t n, const int64_t C)
+{
+    for (int64_t b = 0; b < nb; b++)
+        CAT(mixed_grad_token, SUF)(x + b * n * C, R + b * (n + 1) * n, g_in + b * C,
+                                   g_mix + b * n * C, coef[b], grad_x + b * n * C, n, C);
+}
+
+/* Backward of mhc_mhc_forward up to the projection: gy_0 = g_in, gy_{1+i} = g_mix[i]; g_post
+ * and g_hres may be NULL (zero). Per token:
+ *   dR[q][j] = <gy_q, x_j> (+ g_hres),  dlogits = the gates' and Sinkhorn-Knopp's backward
+ *   grad_x_j = sum_q R[q][j] gy_q - x_j * inv^2 / (nC) * <dlogits, logits - bias>
+ * The caller adds the projection's part, (inv * dlogits) @ phi^T, with one matmul.
+ * Returns 0, or -1 if scratch memory could not be had. */
+int CAT(mhc_mhc_backward, SUF)(const T *restrict x, const T *restrict logits,
+                               const T *restrict inv, const T *restrict bias, int64_t iters,
+                               const T *restrict g_in, const T *restrict g_mix,
+                               const T *restrict g_post, const T *restrict g_hres,
+                               T *restrict grad_x, T *restrict dlogits, int64_t M, int64_t n,
+                               int64_t C, int nt)
+{
+    int failed = 0;
+    const int64_t nn = n * n, K = 2 * n + nn, D = n * C, blocks = (M + SK_BLOCK - 1) / SK_BLOCK;
+    const int64_t P = (n + 1) * n;
+    _Pragma("omp parallel num_threads(nt) reduction(|:failed)")
+    {
+        T *buf = CAT(mhc_scratch, SUF)(n, iters, 1);
+        if (!buf) failed = 1;
+        T *w = buf, *lp = buf + nn * SK_BLOCK, *trace = buf + 2 * nn * SK_BLOCK;
+        T *R = buf + (2 + 2 * iters) * nn * SK_BLOCK, *dR = R + P * SK_BLOCK;
+        _Pragma("omp for schedule(static)")
+        for (int64_t blk = 0; blk < blocks; blk++) {
+            if (!buf) continue;
+            const int64_t m0 = blk * SK_BLOCK;
+            const int64_t nb = M - m0 < SK_BLOCK ? M - m0 : SK_BLOCK;
+            if (iters > 0) /* recompute H_res and the trace */
+                CAT(sinkhorn_block, SUF)(logits + m0 * K + 2 * n, K, nb, n, iters, w, lp, trace);
+            for (int64_t b = 0; b < nb; b++) {
+                const int64_t m = m0 + b;
+                const T *lg = logits + m * K;
+                T *Rb = R + b * P, *dRb = dR + b * P, *dl = dlogits + m * K;
+                for (int64_t j = 0; j < n; j++) Rb[j] = CAT(sigmoid, SUF)(lg[j]);
+                for (int64_t k = 0; k < nn; k++)
+                    Rb[n + k] = iters > 0 ? w[k * SK_BLOCK + b] : EXP(lg[2 * n + k]);
+                CAT(dot_rows, SUF)(g_in + m * C, x + m * D, n, C, dRb);
+                for (int64_t q = 0; q < n; q++)
+                    CAT(dot_rows, SUF)(g_mix + m * D + q * C, x + m * D, n, C, dRb + (q + 1) * n);
+                if (g_hres)
+                    for (int64_t k = 0; k < nn; k++) dRb[n + k] += g_hres[m * nn + k];
+                for (int64_t j = 0; j < n; j++) /* sigmoid' = s (1 - s) */
+                    dl[j] = dRb[j] * Rb[j] * (1 - Rb[j]);
+                for (int64_t i = 0; i < n; i++) {
+                    const T s = CAT(sigmoid, SUF)(lg[n + i]);
+                    dl[n + i] = g_post ? g_post[m * n + i] * 2 * s * (1 - s) : 0;
+                }
+                if (iters > 0)
+                    for (int64_t k = 0; k < nn; k++) w[k * SK_BLOCK + b] *= dRb[n + k]; /* dH * H */
+                else
+                    for (int64_t k = 0; k < nn; k++) dl[2 * n + k] = dRb[n + k] * Rb[n + k]; /* exp' */
+            }
+            if (iters > 0) {
+                CAT(sinkhorn_block_backward, SUF)(w, trace, n, iters);
+                for (int64_t b = 0; b < nb; b++)
+                    for (int64_t k = 0; k < nn; k++) dlogits[(m0 + b) * K + 2 * n + k] = w[k * SK_BLOCK + b];
+            }
+            T coef[SK_BLOCK];
+            for (int64_t b = 0; b < nb; b++) {
+                const int64_t m = m0 + b;
+                T s = 0;
+                for (int64_t k = 0; k < K; k++) s += dlogits[m * K + k] * (logits[m * K + k] - bias[k]);
+                coef[b] = -s * inv[m] * inv[m] / (T)D;
+            }
+#define BODY(N) CAT(mixed_grad_block, SUF)(x + m0 * D, R, g_in + m0 * C, g_mix + m0 * D, coef, grad_x + m0 * D, nb, N, C)
+            DISPATCH_N(n, BODY)
+#undef BODY
+        }
+        free(buf);
+    }
+    return failed ? -1 : 0;
 }
