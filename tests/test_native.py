@@ -66,17 +66,6 @@ def test_write_backward_equals_the_contractions(m, n, c, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,d,k", [(1, 1, 1), (9, 37, 6), (17, 64, 3), (6, 100, 24)])
-@pytest.mark.parametrize("with_passed", [True, False])
-def test_projection_grad_equals_matmul_plus_terms(m, d, k, dtype, with_passed):
-    v, g = _rand(m, d, dtype=dtype, seed=7), _rand(m, k, dtype=dtype, seed=8)
-    weight, coef = _rand(d, k, dtype=dtype, seed=9), _rand(m, 1, dtype=dtype, seed=10)
-    passed = _rand(m, d, dtype=dtype, seed=11) if with_passed else None
-    expected = g @ weight.t() + coef * v + (passed if with_passed else 0)
-    torch.testing.assert_close(native.projection_grad(v, passed, g, weight, coef), expected, **_tol(dtype))
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [1, 63, 64, 65, 200])  # partial and whole token blocks
 @pytest.mark.parametrize("n", [1, 2, 4, 8])
 @pytest.mark.parametrize("iters", [1, 2, 20])
@@ -188,3 +177,65 @@ def _env() -> dict:
     import os
 
     return dict(os.environ)
+
+
+@pytest.mark.parametrize("kind", ["hc", "mhc"])
+@pytest.mark.parametrize("n,c,tokens", [(8, 5, 70), (3, 17, 130), (4, 64, 64)])
+def test_fused_connections_equal_the_torch_path(kind, n, c, tokens, monkeypatch):
+    """HcRead / MhcRead against the unfused torch path, float64: several token blocks (the
+    mHC kernels work in blocks of 64), odd widths, n up to the kernels' limit; values, H_res
+    and the gradients of x and of every parameter."""
+    from mhc_lab.connections import HyperConnection, ManifoldHyperConnection
+
+    gen = torch.Generator().manual_seed(n + c)
+    conn = (HyperConnection(c, n, layer_index=2) if kind == "hc" else ManifoldHyperConnection(c, n, layer_index=2, sinkhorn_iters=7)).double()
+    with torch.no_grad():
+        for p in conn.parameters():
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.3)
+    sub = torch.nn.Linear(c, c).double()
+    x = torch.randn(2, tokens // 2, n, c, generator=gen, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    results = []
+    for use in (True, False):
+        if not use:
+            monkeypatch.setattr(native, "usable", lambda *tensors, **kwargs: False)
+        out, h_res = conn(x, sub)
+        inputs = [x, *conn.parameters(), *sub.parameters()]
+        results.append((out, h_res, torch.autograd.grad((out * grad_out).sum() + h_res.square().sum(), inputs)))
+    (out_a, h_a, g_a), (out_b, h_b, g_b) = results
+    torch.testing.assert_close(out_a, out_b, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(h_a, h_b, rtol=1e-10, atol=1e-12)
+    for a, b in zip(g_a, g_b):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_fused_kernels_do_not_depend_on_the_thread_count():
+    m, n, c = 150, 4, 40
+    x = _rand(m, n, c, dtype=torch.float32, seed=0)
+    g_in, g_mix, g_post = _rand(m, c, dtype=torch.float32, seed=1), _rand(m, n, c, dtype=torch.float32, seed=2), _rand(m, n, dtype=torch.float32, seed=3)
+    weight_t, alpha, beta = _rand(n + 2, c, dtype=torch.float32, seed=4), _rand(n, n + 1, dtype=torch.float32, seed=5), _rand(n, dtype=torch.float32, seed=6)
+    raw, bias = _rand(m, 2 * n + n * n, dtype=torch.float32, seed=7), _rand(2 * n + n * n, dtype=torch.float32, seed=8)
+    outputs = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            hc = native.hc_forward(x, weight_t, alpha, beta, 0.3, 0.2, True, 1e-6)
+            mhc = native.mhc_forward(x, raw, bias, 1e-6, 20)
+            outputs.append([
+                *hc, *native.hc_backward(x, weight_t, alpha, 0.3, 0.2, True, hc[4], hc[5], g_in, g_mix, g_post, None),
+                *mhc, *native.mhc_backward(x, mhc[4], mhc[5], bias, 20, g_in, g_mix, g_post, None),
+            ])
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*outputs):
+        assert torch.equal(a, b)
+
+
+def test_wrappers_refuse_mismatched_tensors():
+    """A wrong dtype or layout would make the C code read or write out of bounds: refused."""
+    x = torch.zeros(4, 2, 8)
+    with pytest.raises(ValueError, match="one dtype"):
+        native.read_forward(x, torch.zeros(4, 3, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="contiguous"):
+        native.read_forward(x, torch.zeros(4, 2, 3).transpose(1, 2))

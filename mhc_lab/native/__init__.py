@@ -41,7 +41,7 @@ MAX_STREAMS = 8  # kernels.c: MAX_N
 FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c11"]
 _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 _KERNELS = (
-    "mhc_read_forward", "mhc_read_backward", "mhc_write_backward", "mhc_projection_grad",
+    "mhc_read_forward", "mhc_read_backward", "mhc_write_backward",
     "mhc_hc_forward", "mhc_hc_backward", "mhc_mhc_forward", "mhc_mhc_backward",
 )
 
@@ -117,7 +117,6 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"mhc_read_forward_{suffix}").argtypes = [p, p, p, p, i64, i64, i64, i32]
         getattr(lib, f"mhc_read_backward_{suffix}").argtypes = [p, p, p, p, p, p, i64, i64, i64, i32]
         getattr(lib, f"mhc_write_backward_{suffix}").argtypes = [p, p, p, p, p, i64, i64, i64, i32]
-        getattr(lib, f"mhc_projection_grad_{suffix}").argtypes = [p, p, p, p, p, p, i64, i64, i64, i32]
         getattr(lib, f"mhc_sinkhorn_forward_{suffix}").argtypes = [p, p, i64, i64, i64, i32]
         getattr(lib, f"mhc_sinkhorn_backward_{suffix}").argtypes = [p, p, p, i64, i64, i64, i32]
         for name in _KERNELS:
@@ -224,21 +223,6 @@ def write_backward(
     fn(grad.data_ptr(), layer_out.data_ptr(), h_post.data_ptr(), _ptr(grad_out), _ptr(grad_post),
        m, n, c, torch.get_num_threads())
     return grad_post, grad_out
-
-
-def projection_grad(
-    v: torch.Tensor, passed: Optional[torch.Tensor], grad_proj: torch.Tensor, weight: torch.Tensor,
-    coef: torch.Tensor,
-) -> torch.Tensor:
-    """passed + grad_proj @ weight^T + coef * v: v, passed (M, D), grad_proj (M, K), weight
-    (D, K), coef (M, 1); `passed` may be None (zero). One pass over v and passed."""
-    m, d = v.shape
-    out = torch.empty_like(v)
-    weight_t = weight.t().contiguous()  # (K, D)
-    fn = _kernel("mhc_projection_grad", v, passed, grad_proj, weight_t, coef)
-    fn(v.data_ptr(), _ptr(passed), grad_proj.data_ptr(), weight_t.data_ptr(), coef.data_ptr(),
-       out.data_ptr(), m, d, weight.shape[1], torch.get_num_threads())
-    return out
 
 
 def sinkhorn_forward(logits: torch.Tensor, iters: int) -> torch.Tensor:

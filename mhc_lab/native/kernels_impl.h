@@ -315,58 +315,6 @@ int CAT(mhc_sinkhorn_backward, SUF)(const T *restrict z, const T *restrict grad_
     return failed ? -1 : 0;
 }
 
-/* ---- backward of the RMS projection p = (v @ W) / rms(v) (connections._RmsProjection) ------
- * out = passed + g @ W^T + coef * v per row, for v, passed, out: (M, D), g: (M, K),
- * Wt = W^T: (K, D), coef: (M, 1); passed may be NULL (zero). Rows go in groups of PG_ROWS
- * and columns in chunks of PG_CHUNK, the group's chunk held in registers while the K rows
- * of Wt are added in (each Wt load serves PG_ROWS rows). */
-#define PG_CHUNK 32
-#define PG_ROWS 4
-
-INLINE void CAT(projection_grad_tile, SUF)(const T *restrict v, const T *restrict passed,
-                                           const T *restrict g, const T *restrict Wt,
-                                           const T *restrict coef, T *restrict out,
-                                           const int64_t rows, const int64_t w, const int64_t D,
-                                           const int64_t K)
-{
-    T acc[PG_ROWS][PG_CHUNK];
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t l = 0; l < w; l++)
-            acc[r][l] = coef[r] * v[r * D + l] + (passed ? passed[r * D + l] : 0);
-    for (int64_t k = 0; k < K; k++) {
-        const T *restrict wr = Wt + k * D;
-        for (int64_t r = 0; r < rows; r++) {
-            const T gk = g[r * K + k];
-            for (int64_t l = 0; l < w; l++) acc[r][l] += gk * wr[l];
-        }
-    }
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t l = 0; l < w; l++) out[r * D + l] = acc[r][l];
-}
-
-void CAT(mhc_projection_grad, SUF)(const T *restrict v, const T *restrict passed,
-                                   const T *restrict g, const T *restrict Wt,
-                                   const T *restrict coef, T *restrict out, int64_t M,
-                                   int64_t D, int64_t K, int nt)
-{
-    const int64_t groups = (M + PG_ROWS - 1) / PG_ROWS;
-    _Pragma("omp parallel for num_threads(nt) schedule(static)")
-    for (int64_t grp = 0; grp < groups; grp++) {
-        const int64_t m = grp * PG_ROWS, rows = M - m < PG_ROWS ? M - m : PG_ROWS;
-        const T *pm = passed ? passed + m * D : NULL;
-        int64_t c0 = 0;
-        if (rows == PG_ROWS) /* full tiles: rows and width are constants */
-            for (; c0 + PG_CHUNK <= D; c0 += PG_CHUNK)
-                CAT(projection_grad_tile, SUF)(v + m * D + c0, pm ? pm + c0 : NULL, g + m * K,
-                                               Wt + c0, coef + m, out + m * D + c0, PG_ROWS,
-                                               PG_CHUNK, D, K);
-        for (; c0 < D; c0 += PG_CHUNK)
-            CAT(projection_grad_tile, SUF)(v + m * D + c0, pm ? pm + c0 : NULL, g + m * K,
-                                           Wt + c0, coef + m, out + m * D + c0, rows,
-                                           D - c0 < PG_CHUNK ? D - c0 : PG_CHUNK, D, K);
-    }
-}
-
 /* ---- HC: coefficients and stream read fused (connections.HyperConnection, dynamic) --------
  * Per token and stream row x_i (C values), with K = n + 2 folded weight columns
  * Wt = (w * [W_m | W_r | W_beta])^T, shape (K, C):
