@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from .config import ModelConfig
 from .errors import MhcLabError
 from .model import LanguageModel, build_model
@@ -386,6 +387,8 @@ def environment(settings: BenchSettings) -> dict[str, Any]:
         "machine": platform.machine(),
         "settings": asdict(settings),
         "peer": peer_available() and settings.peer,
+        # the fused CPU kernels (mhc_lab/native): used in eager CPU runs when they built
+        "native_kernels": device.type == "cpu" and not settings.compile and native.library() is not None,
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -409,6 +412,8 @@ def render_table(rows: list[BenchRow], settings: BenchSettings) -> Table:
 
     env = environment(settings)
     mode = "torch.compile, " if settings.compile else ""
+    if env["device"] == "cpu" and not settings.compile:
+        mode = "native kernels, " if env["native_kernels"] else "torch ops only, "
     table = Table(
         title=f"Step time (fwd + bwd + AdamW), {mode}depth {settings.depth}, n {settings.n_streams}, "
         f"batch {settings.batch} x {settings.seq_len}, {env['device']}, "

@@ -141,7 +141,7 @@ class HyperConnection(nn.Module):
             self.use_tanh, self.norm.eps,
         )
         layer_out = sublayer(layer_in.view(b, t, c))  # (B, T, C): F(H_pre x)
-        out = _StreamWrite.apply(mixed, h_post, layer_out.reshape(b * t, c))
+        out = _StreamWrite.apply(mixed, h_post, layer_out.reshape(b * t, c), True)  # into H_res x
         return out.view(b, t, n, c), h_res.view(b, t, n, n)
 
 
@@ -230,7 +230,7 @@ class ManifoldHyperConnection(nn.Module):
         x_flat = x.reshape(b * t, n, c).contiguous()  # the first layer's x is an expanded view
         layer_in, mixed, h_post, h_res = MhcRead.apply(x_flat, phi, bias, self.sinkhorn_iters, self.eps)
         layer_out = sublayer(layer_in.view(b, t, c))  # (B, T, C): F(H_pre x)
-        out = _StreamWrite.apply(mixed, h_post, layer_out.reshape(b * t, c))
+        out = _StreamWrite.apply(mixed, h_post, layer_out.reshape(b * t, c), True)  # into H_res x
         return out.view(b, t, n, c), h_res.view(b, t, n, n)
 
 

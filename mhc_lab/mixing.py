@@ -86,12 +86,17 @@ class _StreamWrite(torch.autograd.Function):
     """out = mixed + H_post^T F per token: mixed (M, n, C), h_post (M, n), F (M, C).
 
     The backward contracts over C and over n without writing (M, n, C) temporaries
-    (autograd's addcmul backward writes two).
+    (autograd's addcmul backward writes two). With `in_place`, the sum is written into
+    `mixed` (for a buffer nothing else reads, as the fused paths' H_res x): no new
+    (M, n, C) allocation.
     """
 
     @staticmethod
-    def forward(ctx, mixed: torch.Tensor, h_post: torch.Tensor, layer_out: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, mixed: torch.Tensor, h_post: torch.Tensor, layer_out: torch.Tensor, in_place: bool = False) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(h_post, layer_out)
+        if in_place:
+            ctx.mark_dirty(mixed)
+            return mixed.addcmul_(h_post.unsqueeze(-1), layer_out.unsqueeze(-2))  # (M, n, C)
         return torch.addcmul(mixed, h_post.unsqueeze(-1), layer_out.unsqueeze(-2))  # (M, n, C)
 
     @staticmethod
@@ -100,13 +105,13 @@ class _StreamWrite(torch.autograd.Function):
         grad = grad.contiguous()  # the last layer's gradient is expanded (streams are summed)
         h_post, layer_out = h_post.to(grad.dtype), layer_out.to(grad.dtype)  # autocast: mixed
         if use_native(grad, layer_out, h_post, streams=grad.shape[1]):
-            return grad, *native.write_backward(grad, layer_out, h_post, *ctx.needs_input_grad[1:])
+            return grad, *native.write_backward(grad, layer_out, h_post, *ctx.needs_input_grad[1:3]), None
         grad_post = grad_out = None
         if ctx.needs_input_grad[1]:
             grad_post = torch.linalg.vecdot(grad, layer_out.unsqueeze(-2))  # (M, n): sum over C
         if ctx.needs_input_grad[2]:
             grad_out = _weighted_stream_sum(grad, h_post)  # (M, C): sum over n
-        return grad, grad_post, grad_out
+        return grad, grad_post, grad_out, None
 
 
 def _weighted_stream_sum(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from mhc_lab import native
 from mhc_lab.bench import BenchRow, BenchSettings, peer_available, render_table, run_bench, to_json
 from mhc_lab.cli import app
 from mhc_lab.errors import MhcLabError
@@ -41,7 +42,11 @@ def test_rows_and_json_are_well_formed():
         "variant", "d_model", "median_ms", "min_ms", "ratio", "peak_mb", "saved_mb", "params", "compile_s"
     }
     assert all(r["compile_s"] is None for r in doc["rows"])  # eager by default
-    assert render_table(rows, settings).row_count == 3
+    table = render_table(rows, settings)
+    assert table.row_count == 3
+    # which path was timed: the fused CPU kernels when they built (CI has a compiler)
+    assert doc["environment"]["native_kernels"] == (native.library() is not None)
+    assert ("native kernels" if native.library() is not None else "torch ops only") in str(table.title)
 
 
 @pytest.mark.skipif(not peer_available(), reason="hyper-connections (the `peer` extra) not installed")
