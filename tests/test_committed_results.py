@@ -17,7 +17,7 @@ import pytest
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 # The folders committed to the repository (.gitignore lists the same); scratch results that a
 # user's `mhc-lab run` leaves under results/ are not checked.
-COMMITTED = ("depth", "divergence", "divergence-long", "divergence-seeds", "expansion", "lr", "scale", "sinkhorn")
+COMMITTED = ("depth", "divergence", "divergence-long", "divergence-native", "divergence-seeds", "expansion", "lr", "scale", "sinkhorn")
 RUNS = sorted(p.parent for name in COMMITTED for p in (RESULTS / name).glob("runs/*/hres.npz"))
 
 
