@@ -14,6 +14,8 @@ equal `HyperConnection.alpha_beta` / `ManifoldHyperConnection.coefficients` foll
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 from torch.compiler import is_compiling
@@ -30,9 +32,28 @@ def fused_path_ok(x: torch.Tensor, param: nn.Parameter) -> bool:
     return native.usable(param, streams=x.shape[-2])
 
 
+def _output_grads(
+    x: torch.Tensor,
+    grad_in: Optional[torch.Tensor],
+    grad_mixed: Optional[torch.Tensor],
+    grad_post: Optional[torch.Tensor],
+    grad_hres: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The four output gradients as the kernels read them: contiguous; the two big ones as
+    zeros when autograd passes None, the two small ones left None (the kernels skip them)."""
+    m, n, c = x.shape
+    grad_in = x.new_zeros(m, c) if grad_in is None else grad_in.contiguous()
+    grad_mixed = torch.zeros_like(x) if grad_mixed is None else grad_mixed.contiguous()
+    grad_post = None if grad_post is None else grad_post.contiguous()
+    grad_hres = None if grad_hres is None else grad_hres.contiguous()
+    return grad_in, grad_mixed, grad_post, grad_hres
+
+
 class HcRead(torch.autograd.Function):
     """HC's coefficients and the stream read in one pass over x (native kernels, CPU only):
-    the same values as `HyperConnection.alpha_beta` followed by `mixing._StreamRead`.
+    the same values as `HyperConnection.alpha_beta` followed by `mixing._StreamRead`, i.e.
+    the HC paper's dynamic H_pre, H_post, H_res (tanh terms plus static parts, DESIGN.md
+    section 2) and H_pre x, H_res x.
 
     x: (M, n, C); weight: (C, n + 2) = w * [W_m | W_r | W_beta]; static_alpha (n, 1 + n),
     static_beta (n,), gate_alpha, gate_beta: 0-dim. Returns the sublayer input H_pre x (M, C),
@@ -56,10 +77,7 @@ class HcRead(torch.autograd.Function):
     def backward(ctx, grad_in, grad_mixed, grad_post, grad_hres):  # type: ignore[override]
         x, weight_t, static_alpha, p, inv = ctx.saved_tensors
         m, n, c = x.shape
-        grad_in = x.new_zeros(m, c) if grad_in is None else grad_in.contiguous()
-        grad_mixed = torch.zeros_like(x) if grad_mixed is None else grad_mixed.contiguous()
-        grad_post = None if grad_post is None else grad_post.contiguous()
-        grad_hres = None if grad_hres is None else grad_hres.contiguous()
+        grad_in, grad_mixed, grad_post, grad_hres = _output_grads(x, grad_in, grad_mixed, grad_post, grad_hres)
         grad_x, grad_alpha, dp_scaled = native.hc_backward(
             x, weight_t, static_alpha.contiguous(), *ctx.gates, ctx.use_tanh, p, inv,
             grad_in, grad_mixed, grad_post, grad_hres,
@@ -81,7 +99,9 @@ class HcRead(torch.autograd.Function):
 class MhcRead(torch.autograd.Function):
     """mHC's coefficients and the stream read with one matmul and one native pass over x
     (CPU only): the same values as `ManifoldHyperConnection.coefficients` followed by
-    `mixing._StreamRead`.
+    `mixing._StreamRead`, i.e. the mHC paper's H_pre = sigmoid, H_post = 2 sigmoid,
+    H_res = Sinkhorn-Knopp of the gated RMS-normalised projection (DESIGN.md section 2) and
+    H_pre x, H_res x.
 
     x: (M, n, C); phi: (nC, 2n + n^2) with the norm weight and the gates folded in; bias:
     (2n + n^2,) = [b_pre | b_post | vec(b_res)]. Returns the sublayer input H_pre x (M, C),
@@ -103,10 +123,7 @@ class MhcRead(torch.autograd.Function):
     def backward(ctx, grad_in, grad_mixed, grad_post, grad_hres):  # type: ignore[override]
         x, phi, bias, logits, inv = ctx.saved_tensors
         m, n, c = x.shape
-        grad_in = x.new_zeros(m, c) if grad_in is None else grad_in.contiguous()
-        grad_mixed = torch.zeros_like(x) if grad_mixed is None else grad_mixed.contiguous()
-        grad_post = None if grad_post is None else grad_post.contiguous()
-        grad_hres = None if grad_hres is None else grad_hres.contiguous()
+        grad_in, grad_mixed, grad_post, grad_hres = _output_grads(x, grad_in, grad_mixed, grad_post, grad_hres)
         grad_x, dlogits = native.mhc_backward(
             x, logits, inv, bias.contiguous(), ctx.iters, grad_in, grad_mixed, grad_post, grad_hres
         )

@@ -7,9 +7,10 @@ Legend: M = tokens (batch * seq), n = residual streams, C = d_model, K = coeffic
 - `_StreamWrite`: H_res x + H_post^T F, with a backward that writes no (M, n, C) temporaries.
 - `_RmsProjection`: RMSNorm(v) @ W as (v @ W) / rms(v), the norm weight folded into W.
 
-Each runs the fused CPU kernels of `mhc_lab.native` when they apply (eager, contiguous
-float32/float64 CPU tensors) and torch ops otherwise (CUDA, bf16, torch.compile). Speed
-notes and figures: BENCHMARKS.md. tests/test_connections_fast.py checks both paths against a
+The read and the write run the CPU kernels of `mhc_lab.native` when they apply (eager,
+contiguous float32/float64 CPU tensors) and torch ops otherwise (CUDA, bf16, torch.compile);
+the projection is torch ops (on CPU the fused paths of `fused.py` replace it and the read).
+Speed notes and figures: BENCHMARKS.md. tests/test_connections_fast.py checks both paths against a
 plain transcription of the equations, values and gradients.
 """
 
