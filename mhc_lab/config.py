@@ -141,7 +141,11 @@ class TrainConfig(Section):
     threads: Optional[int] = Field(
         None, ge=1, description="CPU threads for torch; null = all cores of this machine."
     )
-    compile: bool = Field(False, description="Wrap the model in torch.compile.")
+    compile: bool = Field(
+        False,
+        description="Wrap the model in torch.compile (compiled graphs use torch ops, not the "
+        "native CPU kernels that eager CPU runs use).",
+    )
     autocast_bf16: bool = Field(
         False, description="bf16 autocast on CUDA (ignored on CPU); the gain is always float64."
     )
