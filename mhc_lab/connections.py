@@ -178,6 +178,8 @@ class ManifoldHyperConnection(nn.Module):
         eps: float = 1e-6,
     ) -> None:
         super().__init__()
+        if sinkhorn_iters < 0:
+            raise ValueError(f"sinkhorn_iters must be >= 0, got {sinkhorn_iters}")
         n = n_streams
         self.n = n
         self.sinkhorn_iters = sinkhorn_iters

@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.compiler import is_compiling
 
 from . import native
@@ -74,6 +75,7 @@ class HcRead(torch.autograd.Function):
         return y_in, y_mix, h_post, h_res
 
     @staticmethod
+    @once_differentiable  # the kernels build no graph: double backward raises, never lies
     def backward(ctx, grad_in, grad_mixed, grad_post, grad_hres):  # type: ignore[override]
         x, weight_t, static_alpha, p, inv = ctx.saved_tensors
         m, n, c = x.shape
@@ -120,6 +122,7 @@ class MhcRead(torch.autograd.Function):
         return y_in, y_mix, h_post, h_res
 
     @staticmethod
+    @once_differentiable  # the kernels build no graph: double backward raises, never lies
     def backward(ctx, grad_in, grad_mixed, grad_post, grad_hres):  # type: ignore[override]
         x, phi, bias, logits, inv = ctx.saved_tensors
         m, n, c = x.shape

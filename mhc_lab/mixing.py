@@ -73,7 +73,8 @@ class _StreamRead(torch.autograd.Function):
         if grad_mixed is None:
             grad_mixed = x.new_zeros(m, n, c)
         grad_in, grad_mixed = grad_in.contiguous(), grad_mixed.contiguous()
-        if use_native(x, read, grad_in, grad_mixed, streams=n):
+        # create_graph (double backward) needs a differentiable backward: the torch ops
+        if not torch.is_grad_enabled() and use_native(x, read, grad_in, grad_mixed, streams=n):
             return native.read_backward(x, read, grad_in, grad_mixed, *ctx.needs_input_grad)
         grad_y = torch.cat([grad_in.unsqueeze(1), grad_mixed], dim=1)  # (M, 1 + n, C)
         # Under autocast the two gradients and the saved inputs can differ in dtype.
@@ -105,7 +106,7 @@ class _StreamWrite(torch.autograd.Function):
         h_post, layer_out = ctx.saved_tensors
         grad = grad.contiguous()  # the last layer's gradient is expanded (streams are summed)
         h_post, layer_out = h_post.to(grad.dtype), layer_out.to(grad.dtype)  # autocast: mixed
-        if use_native(grad, layer_out, h_post, streams=grad.shape[1]):
+        if not torch.is_grad_enabled() and use_native(grad, layer_out, h_post, streams=grad.shape[1]):
             return grad, *native.write_backward(grad, layer_out, h_post, *ctx.needs_input_grad[1:3]), None
         grad_post = grad_out = None
         if ctx.needs_input_grad[1]:

@@ -35,6 +35,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch.compiler import is_compiling
 
 from . import native
@@ -112,7 +113,7 @@ def _use_native(logits: torch.Tensor) -> bool:
     """True if the fused CPU kernel (mhc_lab/native) takes these logits (float32/64 on CPU,
     eager mode): the same steps, for blocks of tokens at a time, without a pass over memory
     per step."""
-    if is_compiling() or type(logits) is not torch.Tensor:
+    if is_compiling() or type(logits) is not torch.Tensor or logits.shape[-1] != logits.shape[-2]:
         return False
     return native.usable(logits)
 
@@ -127,6 +128,7 @@ class _SinkhornKnopp(torch.autograd.Function):
             h = torch.exp(logits)
             ctx.save_for_backward(h)
             return h
+        ctx.shape, ctx.dtype = logits.shape, logits.dtype
         flat = logits.reshape(-1, *logits.shape[-2:]).contiguous()  # (N, n, n)
         ctx.native = _use_native(flat)
         if ctx.native:
@@ -134,10 +136,10 @@ class _SinkhornKnopp(torch.autograd.Function):
             return native.sinkhorn_forward(flat, iters).view(logits.shape)
         z = _tokens_last(logits)  # (n, n, N)
         ctx.save_for_backward(z)  # the logits, already in the iterations' layout
-        ctx.shape, ctx.dtype = logits.shape, logits.dtype
         return _tokens_first(_iterate(z, iters), logits.shape, logits.dtype)
 
     @staticmethod
+    @once_differentiable  # the analytic backward (in-place steps, native kernel) is first order only
     def backward(ctx, grad_h: torch.Tensor) -> tuple[Optional[torch.Tensor], None]:  # type: ignore[override]
         (saved,) = ctx.saved_tensors
         if ctx.iters == 0:

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mhc_lab import fused, mixing
+from mhc_lab import fused, mixing, sinkhorn
 from mhc_lab.connections import HyperConnection, ManifoldHyperConnection
 from mhc_lab.mixing import _RmsProjection, _StreamRead, _StreamWrite, mix_streams, rms_projection
 from mhc_lab.sinkhorn import sinkhorn_log_iterations
@@ -123,6 +123,7 @@ def test_compiled_forms_match_reference(kind, expanded, monkeypatch):
     them): the same checks on that path, taken in eager by pretending to compile."""
     monkeypatch.setattr(mixing, "is_compiling", lambda: True)
     monkeypatch.setattr(fused, "is_compiling", lambda: True)
+    monkeypatch.setattr(sinkhorn, "is_compiling", lambda: True)
     if kind == "hc":
         _check_against_reference(_perturbed(HyperConnection(C, 4, layer_index=1), 4), reference_hc, _x(4, expanded))
     else:

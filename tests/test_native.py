@@ -239,3 +239,68 @@ def test_wrappers_refuse_mismatched_tensors():
         native.read_forward(x, torch.zeros(4, 3, 2, dtype=torch.float64))
     with pytest.raises(ValueError, match="contiguous"):
         native.read_forward(x, torch.zeros(4, 2, 3).transpose(1, 2))
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda: native.read_forward(torch.zeros(4, 9, 8), torch.zeros(4, 10, 9)), "1..8"),
+        (lambda: native.read_forward(torch.zeros(4, 2, 8), torch.zeros(4, 2, 2)), "read has shape"),
+        (lambda: native.sinkhorn_forward(torch.zeros(5, 4, 3), 20), "logits has shape"),
+        (lambda: native.sinkhorn_forward(torch.zeros(5, 4, 4), 0), "iters"),
+        (lambda: native.mhc_forward(torch.zeros(5, 4, 8), torch.zeros(5, 23), torch.zeros(24), 1e-6, 20), "raw has shape"),
+        (lambda: native.hc_forward(torch.zeros(5, 4, 8), torch.zeros(6, 16), torch.zeros(4, 5), torch.zeros(4), 0.1, 0.1, True, 1e-6), "weight_t has shape"),
+    ],
+)
+def test_wrappers_refuse_wrong_shapes(call, message):
+    """Every operand's shape is checked against what the C code reads."""
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_non_square_logits_take_the_torch_path():
+    from mhc_lab.sinkhorn import sinkhorn_knopp
+
+    z = _rand(50, 4, 3, dtype=torch.float32, seed=9)
+    torch.testing.assert_close(sinkhorn_knopp(z, 20), torch.exp(sinkhorn_log_iterations(z, 20)))
+
+
+def test_mhc_refuses_negative_sinkhorn_iterations():
+    from mhc_lab.connections import ManifoldHyperConnection
+
+    with pytest.raises(ValueError, match="sinkhorn_iters"):
+        ManifoldHyperConnection(8, 4, 0, sinkhorn_iters=-1)
+
+
+@pytest.mark.parametrize("kind", ["hc", "mhc"])
+def test_double_backward_raises_on_the_fused_paths(kind):
+    """The kernels' backward builds no graph: create_graph must fail loudly, not return
+    missing second-order terms."""
+    from mhc_lab.connections import HyperConnection, ManifoldHyperConnection
+
+    conn = HyperConnection(8, 4, 1) if kind == "hc" else ManifoldHyperConnection(8, 4, 1)
+    x = torch.randn(2, 3, 4, 8, requires_grad=True)
+    out, _ = conn(x, torch.nn.Linear(8, 8))
+    (grad,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()
+
+
+def test_double_backward_of_the_mixing_functions_uses_the_torch_ops():
+    """_StreamRead and _StreamWrite take the torch ops when the backward itself is
+    differentiated (gradgradcheck); Sinkhorn-Knopp's analytic backward is first order only
+    and says so."""
+    from mhc_lab.mixing import _StreamRead, _StreamWrite
+    from mhc_lab.sinkhorn import sinkhorn_knopp
+
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    assert torch.autograd.gradgradcheck(lambda x, r: _StreamRead.apply(x, r), (rand(3, 2, 4), rand(3, 3, 2)))
+    assert torch.autograd.gradgradcheck(lambda m, h, f: _StreamWrite.apply(m, h, f), (rand(3, 2, 4), rand(3, 2), rand(3, 4)))
+    z = rand(2, 3, 3)
+    (grad,) = torch.autograd.grad(sinkhorn_knopp(z, 3).square().sum(), z, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()

@@ -2,7 +2,7 @@
 
 Legend: M = tokens, n = residual streams, C = d_model, P = n + 1.
 
-The kernels do what `connections.py` and `sinkhorn.py` do with torch ops (the read R x, its
+The kernels do what `mixing.py`, `fused.py` and `sinkhorn.py` otherwise do with torch ops (the read R x, its
 backward, the write's backward, Sinkhorn-Knopp forward and recomputing backward), each in one
 pass over its operands with one token's data in cache at a time; BENCHMARKS.md has the
 figures. They are an accelerator, never a requirement:
@@ -10,7 +10,10 @@ figures. They are an accelerator, never a requirement:
 - built once per source, compiler and CPU with `cc -O3 -march=native -fopenmp -shared` into
   a cache folder (`$MHC_LAB_CACHE`, else `$XDG_CACHE_HOME/mhc-lab`, else `~/.cache/mhc-lab`),
   written atomically, so concurrent workers can build at once;
-- loaded with ctypes (no torch headers, so building takes about a second);
+- loaded with ctypes (no torch headers; building takes about 5 s);
+- OpenMP from torch's own libgomp when torch ships one (Linux wheels: the kernels' library
+  links `libgomp.so.1`, which is then the one torch loaded); with another OpenMP runtime, a
+  second thread pool may load beside torch's;
 - used only for contiguous float32/float64 CPU tensors outside `torch.compile`; everything
   else (CUDA, bf16, compiled graphs) takes the torch ops;
 - `MHC_LAB_NATIVE=0` turns them off; with no C compiler, or a failed build, mhc-lab says so
@@ -26,6 +29,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -63,21 +67,26 @@ def _cpu_fingerprint() -> str:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return platform.processor()
-    lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))]
+    keys = ("model name", "flags", "Features", "CPU implementer", "CPU part", "CPU architecture")
+    lines = [ln for ln in text.splitlines() if ln.startswith(keys)]  # x86, then ARM
     return "\n".join(sorted(set(lines)))
 
 
-def _compiler() -> Optional[str]:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+def _compiler() -> Optional[list[str]]:
+    """The C compiler command: $CC (may carry arguments, e.g. "ccache gcc"), else cc or gcc."""
+    if os.environ.get("CC"):
+        return shlex.split(os.environ["CC"])
+    found = shutil.which("cc") or shutil.which("gcc")
+    return [found] if found else None
 
 
-def _build(cc: str) -> Path:
+def _build(cc: list[str]) -> Path:
     """Compile kernels.c into the cache (once per source, compiler, flags and CPU)."""
     source = b"".join(path.read_bytes() for path in SOURCES)
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(
         b"\0".join(
-            [source, cc.encode(), version.encode(), " ".join(FLAGS).encode(),
+            [source, " ".join(cc).encode(), version.encode(), " ".join(FLAGS).encode(),
              platform.machine().encode(), _cpu_fingerprint().encode()]
         )
     ).hexdigest()[:16]
@@ -87,10 +96,11 @@ def _build(cc: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        # OpenMP when the compiler has it; torch's libgomp, already loaded, then serves it.
-        for extra in (["-fopenmp"], []):
+        # OpenMP when the compiler has it (torch's libgomp, already loaded, then serves it);
+        # else one thread per call, with the `omp simd` loops still vectorised.
+        for extra in (["-fopenmp"], ["-fopenmp-simd"], []):
             done = subprocess.run(
-                [cc, *FLAGS, *extra, str(SOURCE), "-o", str(out), "-lm"],
+                [*cc, *FLAGS, *extra, str(SOURCE), "-o", str(out), "-lm"],
                 capture_output=True,
                 text=True,
             )
@@ -172,14 +182,22 @@ def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
 
-def _kernel(name: str, *tensors: Optional[torch.Tensor]):
-    """The kernel `name` for the tensors' dtype, after checking that they are what it
-    reads: contiguous CPU tensors of one float dtype (a mismatch would corrupt memory)."""
-    given = [t for t in tensors if t is not None]
-    dtype = given[0].dtype
-    for t in given:
+def _kernel(name: str, shapes: dict[str, tuple[Optional[torch.Tensor], tuple[int, ...]]], streams: Optional[int] = None):
+    """The kernel `name` for the tensors' dtype, after checking that they are exactly what
+    the C code reads (anything else would read or write out of bounds): `shapes` maps each
+    operand's name to (tensor or None, expected shape); all contiguous, on the CPU, of one
+    float dtype; `streams`, where given, within 1..MAX_STREAMS."""
+    if streams is not None and not 1 <= streams <= MAX_STREAMS:
+        raise ValueError(f"mhc-lab native {name}: n = {streams} streams, the kernels take 1..{MAX_STREAMS}")
+    given = {key: t for key, (t, _) in shapes.items() if t is not None}
+    dtype = next(iter(given.values())).dtype
+    for key, (t, shape) in shapes.items():
+        if t is None:
+            continue
         if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
-            raise ValueError(f"mhc-lab native {name}: needs contiguous CPU tensors of one dtype")
+            raise ValueError(f"mhc-lab native {name}: needs contiguous CPU tensors of one dtype ({key})")
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"mhc-lab native {name}: {key} has shape {tuple(t.shape)}, expected {tuple(shape)}")
     if dtype not in _DTYPES:
         raise ValueError(f"mhc-lab native {name}: float32 or float64 only, got {dtype}")
     return getattr(library(), f"{name}_{_DTYPES[dtype]}")
@@ -189,7 +207,7 @@ def read_forward(x: torch.Tensor, read: torch.Tensor) -> tuple[torch.Tensor, tor
     """(R[:, 0] x, R[:, 1:] x) per token: x (M, n, C), read (M, n + 1, n) -> (M, C), (M, n, C)."""
     m, n, c = x.shape
     y_in, y_mix = x.new_empty(m, c), x.new_empty(m, n, c)
-    fn = _kernel("mhc_read_forward", x, read)
+    fn = _kernel("mhc_read_forward", {"x": (x, (m, n, c)), "read": (read, (m, n + 1, n))}, streams=n)
     fn(x.data_ptr(), read.data_ptr(), y_in.data_ptr(), y_mix.data_ptr(), m, n, c, torch.get_num_threads())
     return y_in, y_mix
 
@@ -206,7 +224,7 @@ def read_backward(
     m, n, c = x.shape
     grad_x = x.new_empty(m, n, c) if need_x else None
     grad_read = x.new_empty(m, n + 1, n) if need_read else None
-    fn = _kernel("mhc_read_backward", x, read, grad_in, grad_mixed)
+    fn = _kernel("mhc_read_backward", {"x": (x, (m, n, c)), "read": (read, (m, n + 1, n)), "grad_in": (grad_in, (m, c)), "grad_mixed": (grad_mixed, (m, n, c))}, streams=n)
     fn(x.data_ptr(), read.data_ptr(), grad_in.data_ptr(), grad_mixed.data_ptr(),
        _ptr(grad_x), _ptr(grad_read), m, n, c, torch.get_num_threads())
     return grad_x, grad_read
@@ -219,7 +237,7 @@ def write_backward(
     m, n, c = grad.shape
     grad_post = grad.new_empty(m, n) if need_post else None
     grad_out = grad.new_empty(m, c) if need_out else None
-    fn = _kernel("mhc_write_backward", grad, layer_out, h_post)
+    fn = _kernel("mhc_write_backward", {"grad": (grad, (m, n, c)), "layer_out": (layer_out, (m, c)), "h_post": (h_post, (m, n))}, streams=n)
     fn(grad.data_ptr(), layer_out.data_ptr(), h_post.data_ptr(), _ptr(grad_out), _ptr(grad_post),
        m, n, c, torch.get_num_threads())
     return grad_post, grad_out
@@ -227,9 +245,11 @@ def write_backward(
 
 def sinkhorn_forward(logits: torch.Tensor, iters: int) -> torch.Tensor:
     """Sinkhorn-Knopp of logits (M, n, n), iters >= 1 (the steps of sinkhorn._iterate)."""
-    m, n, _ = logits.shape
+    m, n = logits.shape[:2]
+    if iters < 1:
+        raise ValueError(f"mhc-lab native sinkhorn: iters must be >= 1, got {iters}")
     out = torch.empty_like(logits)
-    fn = _kernel("mhc_sinkhorn_forward", logits)
+    fn = _kernel("mhc_sinkhorn_forward", {"logits": (logits, (m, n, n))})
     if fn(logits.data_ptr(), out.data_ptr(), m, n, iters, torch.get_num_threads()):
         raise MemoryError("mhc-lab: no memory for the Sinkhorn scratch")
     return out
@@ -237,9 +257,11 @@ def sinkhorn_forward(logits: torch.Tensor, iters: int) -> torch.Tensor:
 
 def sinkhorn_backward(logits: torch.Tensor, grad_h: torch.Tensor, iters: int) -> torch.Tensor:
     """d loss / d logits (M, n, n) from d loss / d H, recomputing the iterations."""
-    m, n, _ = logits.shape
+    m, n = logits.shape[:2]
+    if iters < 1:
+        raise ValueError(f"mhc-lab native sinkhorn: iters must be >= 1, got {iters}")
     grad = torch.empty_like(logits)
-    fn = _kernel("mhc_sinkhorn_backward", logits, grad_h)
+    fn = _kernel("mhc_sinkhorn_backward", {"logits": (logits, (m, n, n)), "grad_h": (grad_h, (m, n, n))})
     if fn(logits.data_ptr(), grad_h.data_ptr(), grad.data_ptr(), m, n, iters, torch.get_num_threads()):
         raise MemoryError("mhc-lab: no memory for the Sinkhorn trace")
     return grad
@@ -256,7 +278,7 @@ def hc_forward(
     m, n, c = x.shape
     y_in, y_mix = x.new_empty(m, c), x.new_empty(m, n, c)
     h_post, h_res, p, inv = x.new_empty(m, n), x.new_empty(m, n, n), x.new_empty(m, n, n + 2), x.new_empty(m, n)
-    fn = _kernel("mhc_hc_forward", x, weight_t, static_alpha, static_beta)
+    fn = _kernel("mhc_hc_forward", {"x": (x, (m, n, c)), "weight_t": (weight_t, (n + 2, c)), "static_alpha": (static_alpha, (n, n + 1)), "static_beta": (static_beta, (n,))}, streams=n)
     fn(x.data_ptr(), weight_t.data_ptr(), static_alpha.data_ptr(), static_beta.data_ptr(), gate_alpha,
        gate_beta, int(use_tanh), eps, y_in.data_ptr(), y_mix.data_ptr(), h_post.data_ptr(),
        h_res.data_ptr(), p.data_ptr(), inv.data_ptr(), m, n, c, torch.get_num_threads())
@@ -273,7 +295,7 @@ def hc_backward(
     parameter gradients."""
     m, n, c = x.shape
     grad_x, grad_alpha, dp_scaled = x.new_empty(m, n, c), x.new_empty(m, n, n + 1), x.new_empty(m, n, n + 2)
-    fn = _kernel("mhc_hc_backward", x, weight_t, static_alpha, p, inv, grad_in, grad_mixed, grad_post, grad_hres)
+    fn = _kernel("mhc_hc_backward", {"x": (x, (m, n, c)), "weight_t": (weight_t, (n + 2, c)), "static_alpha": (static_alpha, (n, n + 1)), "p": (p, (m, n, n + 2)), "inv": (inv, (m, n)), "grad_in": (grad_in, (m, c)), "grad_mixed": (grad_mixed, (m, n, c)), "grad_post": (grad_post, (m, n)), "grad_hres": (grad_hres, (m, n, n))}, streams=n)
     fn(x.data_ptr(), weight_t.data_ptr(), static_alpha.data_ptr(), gate_alpha, gate_beta, int(use_tanh),
        p.data_ptr(), inv.data_ptr(), grad_in.data_ptr(), grad_mixed.data_ptr(), _ptr(grad_post),
        _ptr(grad_hres), grad_x.data_ptr(), grad_alpha.data_ptr(), dp_scaled.data_ptr(), m, n, c,
@@ -289,9 +311,12 @@ def mhc_forward(
     h_post (M, n), h_res (M, n, n) and, for the backward, the logits (M, 2n + n^2) and
     inv = 1 / rms(vec(x)) (M,)."""
     m, n, c = x.shape
+    k = 2 * n + n * n
+    if iters < 0:
+        raise ValueError(f"mhc-lab native mhc: iters must be >= 0, got {iters}")
     y_in, y_mix = x.new_empty(m, c), x.new_empty(m, n, c)
     h_post, h_res, logits, inv = x.new_empty(m, n), x.new_empty(m, n, n), torch.empty_like(raw), x.new_empty(m)
-    fn = _kernel("mhc_mhc_forward", x, raw, bias)
+    fn = _kernel("mhc_mhc_forward", {"x": (x, (m, n, c)), "raw": (raw, (m, k)), "bias": (bias, (k,))}, streams=n)
     if fn(x.data_ptr(), raw.data_ptr(), bias.data_ptr(), eps, iters, y_in.data_ptr(), y_mix.data_ptr(),
           h_post.data_ptr(), h_res.data_ptr(), logits.data_ptr(), inv.data_ptr(), m, n, c,
           torch.get_num_threads()):
@@ -307,8 +332,11 @@ def mhc_backward(
     """Backward of `mhc_forward` up to the projection: grad_x (M, n, C) without the
     projection's term (inv * dlogits) @ phi^T, which the caller adds, and dL/dlogits."""
     m, n, c = x.shape
+    k = 2 * n + n * n
+    if iters < 0:
+        raise ValueError(f"mhc-lab native mhc: iters must be >= 0, got {iters}")
     grad_x, dlogits = torch.empty_like(x), torch.empty_like(logits)
-    fn = _kernel("mhc_mhc_backward", x, logits, inv, bias, grad_in, grad_mixed, grad_post, grad_hres)
+    fn = _kernel("mhc_mhc_backward", {"x": (x, (m, n, c)), "logits": (logits, (m, k)), "inv": (inv, (m,)), "bias": (bias, (k,)), "grad_in": (grad_in, (m, c)), "grad_mixed": (grad_mixed, (m, n, c)), "grad_post": (grad_post, (m, n)), "grad_hres": (grad_hres, (m, n, n))}, streams=n)
     if fn(x.data_ptr(), logits.data_ptr(), inv.data_ptr(), bias.data_ptr(), iters, grad_in.data_ptr(),
           grad_mixed.data_ptr(), _ptr(grad_post), _ptr(grad_hres), grad_x.data_ptr(), dlogits.data_ptr(),
           m, n, c, torch.get_num_threads()):

@@ -2,7 +2,8 @@
  *
  * Legend: M = tokens (batch * seq), n = residual streams, C = d_model, P = n + 1 rows of the
  * stacked read R = [H_pre; H_res] (DESIGN.md section 2). Every array is row-major and
- * contiguous; the Python side (mhc_lab/native/__init__.py) checks that before calling.
+ * contiguous, of the shapes given at each kernel; the Python side (mhc_lab/native/__init__.py)
+ * checks dtype, layout and every shape before calling.
  *
  * Why: torch's batched matmul on per-token 5 x 4 matrices runs at a fraction of memory
  * bandwidth, and the backward of the mixing is several separate passes over the (M, n, C)
@@ -24,10 +25,10 @@
 #define CAT_(a, b) a##_##b
 #define CAT(a, b) CAT_(a, b)
 #define INLINE static inline __attribute__((always_inline))
-#define MAX_N 8  /* streams handled with a compile-time n; larger n takes the generic body */
+#define MAX_N 8  /* the most streams the mixing kernels take (arrays per token are sized by it) */
 
-/* Calls BODY(k) with k a literal for n = 1..MAX_N (so loops over streams unroll), BODY(n)
- * otherwise. */
+/* Calls BODY(k) with k a literal for n = 1..MAX_N, so loops over streams unroll. Any other n
+ * does nothing: the Python wrappers refuse it before calling (mhc_lab/native/__init__.py). */
 #define DISPATCH_N(n, BODY)                                                                    \
     switch (n) {                                                                               \
     case 1: BODY(1); break;                                                                    \
@@ -38,7 +39,7 @@
     case 6: BODY(6); break;                                                                    \
     case 7: BODY(7); break;                                                                    \
     case 8: BODY(8); break;                                                                    \
-    default: BODY(n); break;                                                                   \
+    default: break;                                                                            \
     }
 
 #define T float

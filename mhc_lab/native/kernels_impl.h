@@ -162,6 +162,10 @@ static void CAT(sinkhorn_block, SUF)(const T *z, int64_t zstride, int64_t nb, in
     T mx[SK_BLOCK], s[SK_BLOCK];
     for (int64_t k = 0; k < nn; k++)
         for (int64_t b = 0; b < nb; b++) lp[k * SK_BLOCK + b] = z[b * zstride + k];
+    /* The later steps run over all SK_BLOCK lanes (vectorised); the lanes past nb of a
+     * partial block are set to ones, so they stay finite (they are never stored). */
+    for (int64_t k = 0; k < nn; k++)
+        for (int64_t b = nb; b < SK_BLOCK; b++) h[k * SK_BLOCK + b] = 1;
     for (int64_t j = 0; j < n; j++) { /* log-softmax over i of column j */
         for (int64_t b = 0; b < nb; b++) mx[b] = lp[j * SK_BLOCK + b];
         for (int64_t i = 1; i < n; i++)
@@ -197,8 +201,6 @@ static void CAT(sinkhorn_block, SUF)(const T *z, int64_t zstride, int64_t nb, in
     T *out = trace ? trace + nn * SK_BLOCK : NULL;
     if (out)
         for (int64_t k = 0; k < nn * SK_BLOCK; k++) out[k] = h[k];
-    /* The later steps run over all SK_BLOCK lanes (vectorised); the lanes past nb of a
-     * partial block hold finite leftovers and are never stored. */
     for (int64_t t = 1; t < iters; t++) {
         for (int64_t j = 0; j < n; j++) { /* columns: sums over i */
             for (int64_t b = 0; b < SK_BLOCK; b++) s[b] = 0;
