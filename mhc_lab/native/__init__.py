@@ -2,10 +2,11 @@
 
 Legend: M = tokens, n = residual streams, C = d_model, P = n + 1.
 
-The kernels do what `mixing.py`, `fused.py` and `sinkhorn.py` otherwise do with torch ops (the read R x, its
-backward, the write's backward, Sinkhorn-Knopp forward and recomputing backward), each in one
-pass over its operands with one token's data in cache at a time; BENCHMARKS.md has the
-figures. They are an accelerator, never a requirement:
+The kernels do what `mixing.py`, `fused.py` and `sinkhorn.py` otherwise do with torch ops:
+HC's and mHC's norm, coefficients and stream read fused (forward and backward), the read
+R x and its backward, the write's backward, Sinkhorn-Knopp forward and recomputing backward;
+each in one pass over its operands with one token's (or one block of tokens') data in cache
+at a time. BENCHMARKS.md has the figures. They are an accelerator, never a requirement:
 
 - built once per source, compiler and CPU with `cc -O3 -march=native -fopenmp -shared` into
   a cache folder (`$MHC_LAB_CACHE`, else `$XDG_CACHE_HOME/mhc-lab`, else `~/.cache/mhc-lab`),
