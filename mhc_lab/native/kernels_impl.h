@@ -262,59 +262,51 @@ static T *CAT(sinkhorn_scratch, SUF)(int64_t n, int64_t iters, int with_trace)
     return buf;
 }
 
-/* z, h: (M, n, n); iters >= 1. Returns 0, or -1 if scratch memory could not be had. */
-int CAT(mhc_sinkhorn_forward, SUF)(const T *restrict z, T *restrict h, int64_t M, int64_t n,
-                                   int64_t iters, int nt)
+/* Sinkhorn-Knopp over all tokens, a block of SK_BLOCK at a time. grad_h NULL: out = H. Else
+ * out = dz from dH: recompute the steps, then sinkhorn_block_backward from W = dH * H.
+ * z, grad_h, out: (M, n, n); iters >= 1. Returns 0, or -1 if scratch memory could not be had. */
+static int CAT(sinkhorn_run, SUF)(const T *restrict z, const T *restrict grad_h, T *restrict out,
+                                  int64_t M, int64_t n, int64_t iters, int nt)
 {
     int failed = 0;
     const int64_t nn = n * n, blocks = (M + SK_BLOCK - 1) / SK_BLOCK;
     _Pragma("omp parallel num_threads(nt) reduction(|:failed)")
     {
-        T *buf = CAT(sinkhorn_scratch, SUF)(n, iters, 0);
+        T *buf = CAT(sinkhorn_scratch, SUF)(n, iters, grad_h != NULL);
         if (!buf) failed = 1;
         _Pragma("omp for schedule(static)")
         for (int64_t blk = 0; blk < blocks; blk++) {
             if (!buf) continue;
             const int64_t m0 = blk * SK_BLOCK;
             const int64_t nb = M - m0 < SK_BLOCK ? M - m0 : SK_BLOCK;
-            T *hb = buf, *lp = buf + nn * SK_BLOCK;
-            CAT(sinkhorn_block, SUF)(z + m0 * nn, nn, nb, n, iters, hb, lp, NULL);
+            T *w = buf, *lp = buf + nn * SK_BLOCK, *trace = grad_h ? buf + 2 * nn * SK_BLOCK : NULL;
+            CAT(sinkhorn_block, SUF)(z + m0 * nn, nn, nb, n, iters, w, lp, trace);
+            if (grad_h) {
+                for (int64_t b = 0; b < nb; b++) /* W = dH * H */
+                    for (int64_t k = 0; k < nn; k++) w[k * SK_BLOCK + b] *= grad_h[(m0 + b) * nn + k];
+                CAT(sinkhorn_block_backward, SUF)(w, trace, n, iters);
+            }
             for (int64_t b = 0; b < nb; b++)
-                for (int64_t k = 0; k < nn; k++) h[(m0 + b) * nn + k] = hb[k * SK_BLOCK + b];
+                for (int64_t k = 0; k < nn; k++) out[(m0 + b) * nn + k] = w[k * SK_BLOCK + b];
         }
         free(buf);
     }
     return failed ? -1 : 0;
 }
 
-/* dz from dH: recompute the steps, then sinkhorn_block_backward from W = dH * H.
- * Returns 0, or -1 if scratch memory could not be had. */
+/* z, h: (M, n, n); iters >= 1. Returns 0, or -1 if scratch memory could not be had. */
+int CAT(mhc_sinkhorn_forward, SUF)(const T *restrict z, T *restrict h, int64_t M, int64_t n,
+                                   int64_t iters, int nt)
+{
+    return CAT(sinkhorn_run, SUF)(z, NULL, h, M, n, iters, nt);
+}
+
+/* dz from dH (all (M, n, n)), recomputing the iterations. Returns 0, or -1 as above. */
 int CAT(mhc_sinkhorn_backward, SUF)(const T *restrict z, const T *restrict grad_h,
                                     T *restrict grad_z, int64_t M, int64_t n, int64_t iters,
                                     int nt)
 {
-    int failed = 0;
-    const int64_t nn = n * n, blocks = (M + SK_BLOCK - 1) / SK_BLOCK;
-    _Pragma("omp parallel num_threads(nt) reduction(|:failed)")
-    {
-        T *buf = CAT(sinkhorn_scratch, SUF)(n, iters, 1);
-        if (!buf) failed = 1;
-        _Pragma("omp for schedule(static)")
-        for (int64_t blk = 0; blk < blocks; blk++) {
-            if (!buf) continue;
-            const int64_t m0 = blk * SK_BLOCK;
-            const int64_t nb = M - m0 < SK_BLOCK ? M - m0 : SK_BLOCK;
-            T *w = buf, *lp = buf + nn * SK_BLOCK, *trace = buf + 2 * nn * SK_BLOCK;
-            CAT(sinkhorn_block, SUF)(z + m0 * nn, nn, nb, n, iters, w, lp, trace);
-            for (int64_t b = 0; b < nb; b++) /* W = dH * H */
-                for (int64_t k = 0; k < nn; k++) w[k * SK_BLOCK + b] *= grad_h[(m0 + b) * nn + k];
-            CAT(sinkhorn_block_backward, SUF)(w, trace, n, iters);
-            for (int64_t b = 0; b < nb; b++)
-                for (int64_t k = 0; k < nn; k++) grad_z[(m0 + b) * nn + k] = w[k * SK_BLOCK + b];
-        }
-        free(buf);
-    }
-    return failed ? -1 : 0;
+    return CAT(sinkhorn_run, SUF)(z, grad_h, grad_z, M, n, iters, nt);
 }
 
 /* ---- HC: coefficients and stream read fused (connections.HyperConnection, dynamic) --------
