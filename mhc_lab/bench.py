@@ -48,10 +48,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native
-from .config import ModelConfig
+from .nn import native
+from .experiment.config import ModelConfig
 from .errors import MhcLabError
-from .model import LanguageModel, build_model
+from .nn.model import LanguageModel, build_model
 
 if TYPE_CHECKING:
     from rich.table import Table

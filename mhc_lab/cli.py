@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .config import ExperimentConfig
+from .experiment.config import ExperimentConfig
 from .errors import MhcLabError
 
 app = typer.Typer(
@@ -62,17 +62,18 @@ def run(
 
     Example: mhc-lab run experiments/smoke.yaml --set train.steps=20 --workers 2
     """
-    from .experiment_file import ConfigError, load_experiment
-    from .progress import PlainReporter, RichReporter, summary_table
-    from .runner import open_store, run_status, run_sweep
+    from .experiment.loader import ConfigError, load_experiment
+    from .launch import make_launcher
+    from .launch.progress import PlainReporter, RichReporter, summary_table
     from .store import ExperimentStore
+    from .training.runner import run_status
 
     options = {"launcher.workers": workers, "launcher.kind": launcher, "train.device": device}
     flags = {"launcher.workers": "--workers", "launcher.kind": "--launcher", "train.device": "--device"}
     origins = {key: flags[key] for key, value in options.items() if value is not None}
     overrides = list(set_ or []) + [f"{key}={value}" for key, value in options.items() if value is not None]
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dry_run:  # started by torchrun
-        from .distributed import main as data_parallel_main
+        from .launch.torchrun import main as data_parallel_main
 
         sets = [arg for item in overrides for arg in ("--set", item)]
         raise typer.Exit(data_parallel_main([str(file), "--out", str(out), *sets] + (["--fresh"] if fresh else [])))
@@ -84,9 +85,9 @@ def run(
         if no_wait and kind == "local":
             raise ConfigError("--no-wait applies to submitted jobs: add --launcher slurm (or submitit-local)")
         if kind != "local" and not dry_run:  # before anything is written: submitit must be there
-            from .jobs import _submitit
+            from .launch.inflight import submitit_module
 
-            _submitit()
+            submitit_module()
     except MhcLabError as exc:
         fail(exc)
     if dry_run:
@@ -102,17 +103,12 @@ def run(
         return
     reporter = RichReporter(console) if console.is_terminal else PlainReporter(console)
     try:
-        with open_store(exp, out, fresh) as store:
-            try:
-                if kind == "local":
-                    outcome = run_sweep(exp, store, reporter, workers=exp.config.launcher.workers)
-                else:
-                    from .jobs import submit_sweep
-
-                    say = lambda line: console.print(line, highlight=False, soft_wrap=True)  # noqa: E731
-                    outcome = submit_sweep(exp, store, reporter, wait=not no_wait, notify=say)
-            finally:
-                reporter.close()
+        say = lambda line: console.print(line, highlight=False, soft_wrap=True)  # noqa: E731
+        sweep_launcher = make_launcher(exp.config.launcher, wait=not no_wait, notify=say)
+        try:
+            outcome = sweep_launcher.run(exp, out, fresh, reporter)
+        finally:
+            reporter.close()
     except MhcLabError as exc:
         fail(exc)
     except KeyboardInterrupt:
@@ -122,11 +118,12 @@ def run(
             err_console.print("stopped waiting: the submitted jobs go on (`mhc-lab ls` shows them); "
                               "run the same command again to wait for them")
         raise typer.Exit(130)
+    root = out / exp.config.name
     if no_wait:
-        console.print(f"not waiting: `mhc-lab ls {store.root}` shows the jobs; run the same command "
+        console.print(f"not waiting: `mhc-lab ls {root}` shows the jobs; run the same command "
                       "again to wait for them and print the summary", soft_wrap=True)
         return
-    console.print(summary_table(outcome.summaries, title=f"{exp.config.name} ({store.root})"))
+    console.print(summary_table(outcome.summaries, title=f"{exp.config.name} ({root})"))
     failed = outcome.count("failed")
     console.print(
         f"{len(outcome.summaries)} runs: {outcome.count('completed')} completed, "
@@ -134,7 +131,7 @@ def run(
     )
     if outcome.in_flight:
         console.print(f"{len(outcome.in_flight)} runs left alone: submitted jobs are still training them "
-                      f"({', '.join(outcome.in_flight)}); `mhc-lab ls {store.root}` shows them", soft_wrap=True)
+                      f"({', '.join(outcome.in_flight)}); `mhc-lab ls {root}` shows them", soft_wrap=True)
     for line in outcome.lost:
         err_console.print(line, highlight=False, soft_wrap=True)
     if failed or outcome.lost:
@@ -149,9 +146,9 @@ def list_results(
 
     Example: mhc-lab ls results
     """
-    from .progress import fmt_gain, fmt_loss
-    from .runner import run_status
+    from .launch.progress import fmt_gain, fmt_loss
     from .store import ExperimentStore, list_experiments, peak_gain
+    from .training.runner import run_status
 
     stores = [ExperimentStore(results)] if (results / "experiment.yaml").exists() else list_experiments(results)
     if not stores:
@@ -159,7 +156,7 @@ def list_results(
     for store in stores:
         jobs: dict[str, tuple[str, str]] = {}
         if store.jobs_json.exists():  # runs submitted as jobs: their job's state too
-            from .jobs import submitted_view
+            from .launch.inflight import submitted_view
 
             jobs = submitted_view(store)
         table = Table(title=str(store.root))
@@ -213,7 +210,7 @@ RESULTS_HELP = "Experiment results folder (e.g. results/smoke); default: the mos
 
 def _results_view(results: Optional[Path]):
     """The experiment folder given, or the most recently written one under ./results."""
-    from .results_view import load_view
+    from .analysis.view import load_view
     from .store import StoreError, list_experiments
 
     if results is None:
@@ -238,7 +235,7 @@ def plot(
 
     Example: mhc-lab plot results/smoke --format svg
     """
-    from .plots import plot_experiment
+    from .analysis.plots import plot_experiment
 
     try:
         view = _results_view(results)
@@ -257,7 +254,7 @@ def report(
 
     Example: mhc-lab report results/smoke
     """
-    from .report import write_report
+    from .analysis.report import write_report
 
     try:
         view = _results_view(results)

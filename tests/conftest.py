@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mhc_lab import native
-from mhc_lab.config import ModelConfig
+from mhc_lab.nn import native
+from mhc_lab.experiment.config import ModelConfig
 
 torch.set_num_threads(1)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mhc_lab import native
+from mhc_lab.nn import native
 from mhc_lab.bench import BenchRow, BenchSettings, peer_available, render_table, run_bench, to_json
 from mhc_lab.cli import app
 from mhc_lab.errors import MhcLabError

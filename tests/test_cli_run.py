@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mhc_lab import runner
+from mhc_lab import launch
 from mhc_lab.store import ExperimentStore, SUMMARY_COLUMNS, exclusive_lock
 
 from .helpers import cli, run_contents, write_experiment
@@ -103,12 +103,12 @@ def test_interrupted_sweep_resumes_to_identical_results(tmp_path, interrupt_step
     exp = write_experiment(tmp_path, overrides)
     assert cli("run", exp, "--out", tmp_path / "whole").exit_code == 0
 
-    from mhc_lab.experiment_file import load_experiment
+    from mhc_lab.experiment.loader import load_experiment
 
     loaded = load_experiment(exp)
     with pytest.raises(KeyboardInterrupt):
-        with runner.open_store(loaded, tmp_path / "cut") as store:
-            runner.run_sweep(loaded, store, _InterruptAt(run_index=1, step=interrupt_step))
+        with launch.open_store(loaded, tmp_path / "cut") as store:
+            launch.run_sweep(loaded, store, _InterruptAt(run_index=1, step=interrupt_step))
     cut = tmp_path / "cut" / "tiny"
     partial = cut / "runs" / loaded.runs[1].run_id
     assert (partial / "checkpoint.pt").exists() and not (partial / "summary.json").exists()
@@ -123,7 +123,9 @@ def test_interrupted_sweep_resumes_to_identical_results(tmp_path, interrupt_step
 
 def test_keyboard_interrupt_through_the_cli_exits_130_and_keeps_results(tmp_path, monkeypatch):
     exp = write_experiment(tmp_path)
-    real = runner.execute_run
+    from mhc_lab.launch import serial
+
+    real = serial.execute_run
     calls = []
 
     def interrupt_second(*args, **kwargs):
@@ -132,7 +134,7 @@ def test_keyboard_interrupt_through_the_cli_exits_130_and_keeps_results(tmp_path
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "execute_run", interrupt_second)
+    monkeypatch.setattr(serial, "execute_run", interrupt_second)
     result = cli("run", exp, "--out", tmp_path)
     assert result.exit_code == 130
     assert "resume" in result.output
@@ -224,14 +226,15 @@ def test_a_grown_sweep_keeps_its_finished_runs_and_trains_only_the_new_ones(tmp_
 
 
 def test_a_changed_sweep_is_refused_while_a_job_of_the_old_one_is_queued(tmp_path):
-    from mhc_lab.jobs import JobRecord, _record_jobs
+    from mhc_lab.launch.inflight import JobRecord
+    from mhc_lab.launch.slurm import record_jobs
 
     exp = write_experiment(tmp_path, {"sweep": {"grid": {"model.connection": ["residual"]}}})
     store = ExperimentStore(tmp_path / "tiny")
     store.root.mkdir()
     (store.root / "resolved.yaml").write_text("an older version\n")
     # submitted with --no-wait, not started: no run folder yet, only its line in jobs.json
-    _record_jobs(store, [JobRecord("residual-L2-C16-n1-s0-00000000", "1", "local", str(tmp_path), "t")])
+    record_jobs(store, [JobRecord("residual-L2-C16-n1-s0-00000000", "1", "local", str(tmp_path), "t")])
     result = cli("run", exp, "--out", tmp_path)
     assert result.exit_code == 2 and "1 run(s) not in this sweep" in result.output
     assert (store.root / "resolved.yaml").read_text() == "an older version\n"

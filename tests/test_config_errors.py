@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from mhc_lab.config import ExperimentConfig
+from mhc_lab.experiment.config import ExperimentConfig
 
 from .helpers import cli, write_experiment
 
-SCHEMA = Path(__file__).resolve().parents[1] / "mhc_lab" / "schema" / "experiment.schema.json"
+SCHEMA = Path(__file__).resolve().parents[1] / "mhc_lab" / "experiment" / "schema" / "experiment.schema.json"
 
 
 def _run_bad(tmp_path: Path, exp: Path, *extra: str):
@@ -100,7 +100,7 @@ def test_missing_name(tmp_path):
 
 
 def test_published_schema_is_up_to_date():
-    """`mhc-lab schema --out mhc_lab/schema/experiment.schema.json` regenerates it."""
+    """`mhc-lab schema --out mhc_lab/experiment/schema/experiment.schema.json` regenerates it."""
     assert json.loads(SCHEMA.read_text()) == ExperimentConfig.model_json_schema()
 
 

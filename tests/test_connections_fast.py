@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mhc_lab import fused, mixing, sinkhorn
-from mhc_lab.connections import HyperConnection, ManifoldHyperConnection
-from mhc_lab.mixing import _RmsProjection, _StreamRead, _StreamWrite, mix_streams, rms_projection
-from mhc_lab.sinkhorn import sinkhorn_log_iterations
+from mhc_lab.nn import fused, mixing, sinkhorn
+from mhc_lab.nn.connections import HyperConnection, ManifoldHyperConnection
+from mhc_lab.nn.mixing import _RmsProjection, _StreamRead, _StreamWrite, mix_streams, rms_projection
+from mhc_lab.nn.sinkhorn import sinkhorn_log_iterations
 
 # every test here runs twice: with the fused CPU kernels and with the torch ops
 pytestmark = pytest.mark.usefixtures("kernel_path")
@@ -195,7 +195,7 @@ def test_backward_keeps_no_storage_larger_than_the_streams(kind):
 def test_bf16_autocast_forward_and_backward(kind):
     """Under autocast (the training loop's `autocast_bf16`) the custom Functions see mixed
     dtypes: bf16 matmul outputs, float32 streams and gradients."""
-    from mhc_lab.model import build_model
+    from mhc_lab.nn.model import build_model
 
     from .conftest import tiny_model_config
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mhc_lab.gain import (
+from mhc_lab.probe.gain import (
     backward_composites,
     forward_composites,
     gain_metrics,

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mhc_lab.config import DataConfig
-from mhc_lab.data import load_corpus, training_batch
-from mhc_lab.gain import gain_metrics
-from mhc_lab.model import build_model
+from mhc_lab.experiment.config import DataConfig
+from mhc_lab.training.data import load_corpus, training_batch
+from mhc_lab.probe.gain import gain_metrics
+from mhc_lab.nn.model import build_model
 
 from .conftest import tiny_model_config
 
@@ -178,7 +178,7 @@ def test_default_mhc_initialisation_is_diagonal_dominant():
 def test_default_init_strength_keeps_finite_sinkhorn_column_errors_small():
     """Why s = 2 and not s = 4: from the nearly decomposable s = 4 start, 20 iterations leave
     column errors orders of magnitude larger when the logits are perturbed as training does."""
-    from mhc_lab.sinkhorn import sinkhorn_knopp
+    from mhc_lab.nn.sinkhorn import sinkhorn_knopp
 
     noise = torch.randn(4000, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
@@ -246,7 +246,7 @@ def test_stream_rms_of_hc_at_init_equals_the_residual_models():
 
 @pytest.mark.parametrize("scale", [1.5, 1e4])  # 1e4: the state (~1e22) is finite, its square is not
 def test_stream_rms_grows_by_the_composite_gain_of_a_scaled_hc_identity(scale):
-    from mhc_lab.train import signal_growth
+    from mhc_lab.training.trainer import signal_growth
 
     model = build_model(tiny_model_config(connection="hc", n_streams=4, depth=3), SEQ, seed=0)
     _silence_sublayers(model)
@@ -263,7 +263,7 @@ def test_stream_rms_grows_by_the_composite_gain_of_a_scaled_hc_identity(scale):
 def test_doubly_stochastic_mixing_never_grows_the_signal_where_hc_mixing_does():
     """H_res doubly stochastic has spectral norm 1, so mHC's mixing (F = 0) cannot raise the
     RMS of any stream state, whatever the logits; HC's unconstrained H_res can."""
-    from mhc_lab.connections import HyperConnection, ManifoldHyperConnection
+    from mhc_lab.nn.connections import HyperConnection, ManifoldHyperConnection
 
     x = torch.randn(2, 32, 4, 16, generator=torch.Generator().manual_seed(0))
     zero = lambda h: torch.zeros_like(h)  # noqa: E731

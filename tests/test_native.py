@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-from mhc_lab import native
-from mhc_lab.model import build_model
-from mhc_lab.sinkhorn import sinkhorn_log_iterations
+from mhc_lab.nn import native
+from mhc_lab.nn.model import build_model
+from mhc_lab.nn.sinkhorn import sinkhorn_log_iterations
 
 from .conftest import require_native, tiny_model_config
 
@@ -161,9 +161,9 @@ def test_switched_off_by_environment():
     """MHC_LAB_NATIVE=0: nothing is built and the model runs on torch ops."""
     code = (
         "import torch\n"
-        "from mhc_lab import native\n"
-        "from mhc_lab.model import build_model\n"
-        "from mhc_lab.config import ModelConfig\n"
+        "from mhc_lab.nn import native\n"
+        "from mhc_lab.nn.model import build_model\n"
+        "from mhc_lab.experiment.config import ModelConfig\n"
         "m = build_model(ModelConfig(d_model=16, heads=2, depth=1, connection='mhc'), 8, 0)\n"
         "m(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))[1].backward()\n"
         "assert native.library() is None\n"
@@ -185,7 +185,7 @@ def test_fused_connections_equal_the_torch_path(kind, n, c, tokens, monkeypatch)
     """HcRead / MhcRead against the unfused torch path, float64: several token blocks (the
     mHC kernels work in blocks of 64), odd widths, n up to the kernels' limit; values, H_res
     and the gradients of x and of every parameter."""
-    from mhc_lab.connections import HyperConnection, ManifoldHyperConnection
+    from mhc_lab.nn.connections import HyperConnection, ManifoldHyperConnection
 
     gen = torch.Generator().manual_seed(n + c)
     conn = (HyperConnection(c, n, layer_index=2) if kind == "hc" else ManifoldHyperConnection(c, n, layer_index=2, sinkhorn_iters=7)).double()
@@ -259,14 +259,14 @@ def test_wrappers_refuse_wrong_shapes(call, message):
 
 
 def test_non_square_logits_take_the_torch_path():
-    from mhc_lab.sinkhorn import sinkhorn_knopp
+    from mhc_lab.nn.sinkhorn import sinkhorn_knopp
 
     z = _rand(50, 4, 3, dtype=torch.float32, seed=9)
     torch.testing.assert_close(sinkhorn_knopp(z, 20), torch.exp(sinkhorn_log_iterations(z, 20)))
 
 
 def test_mhc_refuses_negative_sinkhorn_iterations():
-    from mhc_lab.connections import ManifoldHyperConnection
+    from mhc_lab.nn.connections import ManifoldHyperConnection
 
     with pytest.raises(ValueError, match="sinkhorn_iters"):
         ManifoldHyperConnection(8, 4, 0, sinkhorn_iters=-1)
@@ -276,7 +276,7 @@ def test_mhc_refuses_negative_sinkhorn_iterations():
 def test_double_backward_raises_on_the_fused_paths(kind):
     """The kernels' backward builds no graph: create_graph must fail loudly, not return
     missing second-order terms."""
-    from mhc_lab.connections import HyperConnection, ManifoldHyperConnection
+    from mhc_lab.nn.connections import HyperConnection, ManifoldHyperConnection
 
     conn = HyperConnection(8, 4, 1) if kind == "hc" else ManifoldHyperConnection(8, 4, 1)
     x = torch.randn(2, 3, 4, 8, requires_grad=True)
@@ -290,8 +290,8 @@ def test_double_backward_of_the_mixing_functions_uses_the_torch_ops():
     """_StreamRead and _StreamWrite take the torch ops when the backward itself is
     differentiated (gradgradcheck); Sinkhorn-Knopp's analytic backward is first order only
     and says so."""
-    from mhc_lab.mixing import _StreamRead, _StreamWrite
-    from mhc_lab.sinkhorn import sinkhorn_knopp
+    from mhc_lab.nn.mixing import _StreamRead, _StreamWrite
+    from mhc_lab.nn.sinkhorn import sinkhorn_knopp
 
     gen = torch.Generator().manual_seed(0)
 

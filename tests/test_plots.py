@@ -10,9 +10,9 @@ import pytest
 import torch
 from matplotlib import image as mimage
 
-from mhc_lab.gain import forward_composites
-from mhc_lab.plots import aggregate, composite_product, fmt_number
-from mhc_lab.results_view import load_view
+from mhc_lab.probe.gain import forward_composites
+from mhc_lab.analysis.plots.style import aggregate, composite_product, fmt_number
+from mhc_lab.analysis.view import load_view
 
 from .helpers import cli
 from .results_fixtures import copy_results, results_folder

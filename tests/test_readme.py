@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from mhc_lab.config import ExperimentConfig, reference_markdown
+from mhc_lab.experiment.config import ExperimentConfig, reference_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -29,7 +29,7 @@ def test_readme_first_command_runs_the_smoke_experiment():
 
 
 def test_config_reference_is_generated_from_the_code():
-    """Regenerate with: python -c 'from mhc_lab.config import reference_markdown as r; print(r())'"""
+    """Regenerate with: python -c 'from mhc_lab.experiment.config import reference_markdown as r; print(r())'"""
     assert reference_markdown() in README
 
 
@@ -39,7 +39,7 @@ def test_yaml_example_in_readme_validates():
 
 
 def test_shipped_experiments_validate():
-    from mhc_lab.experiment_file import load_experiment
+    from mhc_lab.experiment.loader import load_experiment
 
     for path in sorted((ROOT / "experiments").glob("*.yaml")):
         assert load_experiment(path).runs, path

@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from mhc_lab.results_view import dead_from, stability
+from mhc_lab.analysis.view import dead_from, stability
 
 from .helpers import cli
 from .results_fixtures import copy_results, results_folder

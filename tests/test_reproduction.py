@@ -6,8 +6,8 @@ from pathlib import Path
 
 import yaml
 
-from mhc_lab.experiment_file import load_experiment
-from mhc_lab.runner import open_store, run_sweep
+from mhc_lab.experiment.loader import load_experiment
+from mhc_lab.launch import open_store, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from mhc_lab import runner
-from mhc_lab.experiment_file import dump_resolved, load_experiment
+from mhc_lab import launch
+from mhc_lab.experiment.loader import dump_resolved, load_experiment
 
 from .helpers import TIMING_KEYS, cli, run_contents, write_experiment
 
@@ -93,8 +93,8 @@ def test_an_interrupted_parallel_sweep_resumes_to_the_same_results(tmp_path, ref
     exp = two_run_experiment(tmp_path)
     loaded = load_experiment(exp)
     with pytest.raises(KeyboardInterrupt):
-        with runner.open_store(loaded, tmp_path / "cut") as store:
-            runner.run_sweep(loaded, store, _InterruptAt(loaded.runs[1].run_id, 5), workers=2)
+        with launch.open_store(loaded, tmp_path / "cut") as store:
+            launch.run_sweep(loaded, store, _InterruptAt(loaded.runs[1].run_id, 5), workers=2)
     cut = tmp_path / "cut" / "tiny" / "runs" / loaded.runs[1].run_id
     assert not (cut / "summary.json").exists()  # stopped mid-run, its checkpoint kept
     resumed = cli("run", exp, "--out", tmp_path / "cut", "--workers", "2")
@@ -171,14 +171,15 @@ def test_submitted_jobs_write_the_same_store(tmp_path, reference):
 
 def test_ls_labels_jobs_from_their_state_and_the_run_files(tmp_path):
     pytest.importorskip("submitit")
-    from mhc_lab.jobs import JobRecord, _record_jobs, submitted_view
+    from mhc_lab.launch.inflight import JobRecord, submitted_view
+    from mhc_lab.launch.slurm import record_jobs
     from mhc_lab.store import ExperimentStore
 
     store = ExperimentStore(tmp_path / "exp")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     folder = str(tmp_path / "jobs")
-    _record_jobs(store, [
+    record_jobs(store, [
         JobRecord("queued", str(os.getpid()), "local", folder, "t"),
         JobRecord("training", str(os.getpid()), "local", folder, "t"),
         JobRecord("killed", str(dead.pid), "local", folder, "t"),
@@ -196,7 +197,7 @@ def test_ls_labels_jobs_from_their_state_and_the_run_files(tmp_path):
 
 def test_slurm_options_reach_the_sbatch_file(tmp_path, monkeypatch):
     pytest.importorskip("submitit")
-    from mhc_lab.jobs import make_executor
+    from mhc_lab.launch.slurm import make_executor
     from mhc_lab.store import ExperimentStore
 
     fake_bin = tmp_path / "bin"
@@ -228,13 +229,13 @@ def test_torchrun_two_processes_match_one_process(tmp_path, reference):
     loaded = load_experiment(exp)
     hc, mhc = loaded.runs
     with pytest.raises(KeyboardInterrupt):
-        with runner.open_store(loaded, tmp_path / "ddp") as store:
-            runner.run_sweep(loaded, store, _InterruptAt(mhc.run_id, 3), only={mhc.run_id})
+        with launch.open_store(loaded, tmp_path / "ddp") as store:
+            launch.run_sweep(loaded, store, _InterruptAt(mhc.run_id, 3), only={mhc.run_id})
     assert (tmp_path / "ddp" / "tiny" / "runs" / mhc.run_id / "checkpoint.pt").exists()
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "mhc_lab.distributed", str(exp), "--out", str(tmp_path / "ddp"),
+               "-m", "mhc_lab.launch.torchrun", str(exp), "--out", str(tmp_path / "ddp"),
                "--run-id", hc.run_id, "--run-id", mhc.run_id]  # (torchrun itself would take `--run`)
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -266,7 +267,7 @@ def test_data_parallel_checks_its_input_before_starting(tmp_path, monkeypatch, c
     assert result.exit_code == 2
     assert "batch_size must be divisible by the number of processes (3)" in result.output
     assert not (tmp_path / "out").exists()
-    from mhc_lab.distributed import main
+    from mhc_lab.launch.torchrun import main
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main([str(exp), "--out", str(tmp_path / "out"), "--run-id", "hc-nope"]) == 2

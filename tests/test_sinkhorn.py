@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mhc_lab.sinkhorn import sinkhorn_knopp
+from mhc_lab.nn.sinkhorn import sinkhorn_knopp
 
 # After 20 iterations (each column then row) rows sum to 1 up to float rounding; columns are
 # only approximately 1. Documented column tolerance: 1e-2 worst case (mean 1e-4) for logits of

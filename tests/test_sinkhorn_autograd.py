@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mhc_lab.sinkhorn import sinkhorn_knopp, sinkhorn_log_iterations
+from mhc_lab.nn.sinkhorn import sinkhorn_knopp, sinkhorn_log_iterations
 
 # every test here runs twice: with the fused CPU kernels and with the torch ops
 pytestmark = pytest.mark.usefixtures("kernel_path")

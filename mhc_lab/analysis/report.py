@@ -4,7 +4,7 @@ The report holds: the experiment (name, description, experiment.yaml), the envir
 produced it (versions, device, corpus and its sha256), a table of runs, the measured peak gains
 per connection beside the mHC paper's (DESIGN.md section 3) with a plain-worded reading of
 them, the training stability per run (gradient-norm spikes before clipping, the largest loss
-surge), the figures (drawn by plots.py when missing or older than the results), and the diverged,
+surge), the figures (drawn by plots/ when missing or older than the results), and the diverged,
 failed and unfinished runs with their step and reason.
 """
 
@@ -19,12 +19,11 @@ from typing import Callable, Optional
 import numpy as np
 from rich.table import Table
 
-from . import __version__
-from .plots import (
-    NAMES, PAPER_GAIN, PlotResult, caption, figure_title, fmt_number, is_pair, plot_experiment, representative_runs,
-)
-from .results_view import DEAD_STEPS, SPIKE_FACTOR, ExperimentView, RunView, axis_name, describe, short_name
-from .store import as_float, atomic_write_text
+from .. import __version__
+from .plots import PlotResult, caption, figure_title, plot_experiment
+from .plots.style import NAMES, PAPER_GAIN, fmt_number, is_pair, representative_runs
+from .view import DEAD_STEPS, SPIKE_FACTOR, ExperimentView, RunView, axis_name, describe, short_name
+from ..store import as_float, atomic_write_text
 
 REPORT_NAME = "REPORT.md"
 PAPER_TEXT = {"residual": "1 (by construction)", "hc": "≈ 3000", "mhc": "≤ ≈ 1.6"}

@@ -14,7 +14,6 @@ how a residual baseline is shared by all the HC/mHC runs at its depth.
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -23,8 +22,8 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 import yaml
 
-from .config import CONNECTIONS, IRRELEVANT_MODEL_FIELDS
-from .store import ExperimentStore, RunFiles, StoreError, as_float, open_results, read_jsonl, peak_gain
+from ..experiment.config import CONNECTIONS, IRRELEVANT_MODEL_FIELDS
+from ..store import ExperimentStore, RunFiles, StoreError, as_float, open_results, read_jsonl, peak_gain
 
 CONNECTION = "model.connection"
 SEED = "seed"

@@ -1,12 +1,14 @@
 """Typed, validated configuration: one pydantic model per section of an experiment file.
 
 Every field carries a description; unknown keys are rejected. The JSON Schema published in
-`mhc_lab/schema/experiment.schema.json` is generated from these classes (`mhc-lab schema`).
-Loading a file and turning errors into one-line messages lives in `experiment_file.py`.
+`mhc_lab/experiment/schema/experiment.schema.json` is generated from these classes (`mhc-lab schema`).
+Loading a file and turning errors into one-line messages lives in `loader.py`.
 """
 
 from __future__ import annotations
 
+import glob
+from pathlib import Path
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -43,6 +45,18 @@ class DataConfig(Section):
         lt=0.5,
         description="The last fraction of the corpus is held out for validation and the probe.",
     )
+
+
+def user_files(path: str, base_dir: Optional[Path] = None) -> list[Path]:
+    """The files named by `path`: a file, a folder (all files below it) or a glob; sorted."""
+    p = Path(path).expanduser()
+    if not p.is_absolute() and base_dir is not None:
+        p = base_dir / p
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        return sorted(f for f in p.rglob("*") if f.is_file())
+    return sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
 
 
 class ModelConfig(Section):

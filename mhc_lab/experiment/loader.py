@@ -15,9 +15,8 @@ from typing import Any, Optional
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .config import ExperimentConfig, RunConfig
-from .data import user_files
-from .errors import MhcLabError
+from .config import ExperimentConfig, RunConfig, user_files
+from ..errors import MhcLabError
 from .sweep import PlannedRun, expand
 
 

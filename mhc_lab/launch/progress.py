@@ -14,8 +14,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .store import as_float
-from .sweep import PlannedRun
+from ..store import as_float
+from ..experiment.sweep import PlannedRun
 
 
 def fmt_gain(x: object) -> str:

@@ -3,16 +3,16 @@
 `mhc-lab run FILE --launcher slurm` submits the pending runs as one Slurm job array
 (submitit's `map_array`), records the job ids in <experiment>/jobs.json, then waits and shows
 progress, or returns at once with --no-wait. Each job trains its run with
-`runner.execute_run` into the same results store, so files are written atomically and a run
-resumes from its checkpoint exactly as locally; summary.csv is rebuilt under a lock
-(store.py), so jobs finishing together cannot lose rows. A job stopped by its time limit or
+`training.runner.execute_run` into the same results store, so files are written atomically and
+a run resumes from its checkpoint exactly as locally; summary.csv is rebuilt under a lock
+(store/), so jobs finishing together cannot lose rows. A job stopped by its time limit or
 preempted is requeued by submitit (`RunJob.checkpoint`) and resumes from the run's last
 checkpoint.
 
 The waiting `mhc-lab run` needs no connection to the jobs: it reads the runs' own files
 (metrics.jsonl, probes.jsonl, summary.json) every launcher.poll_s seconds and asks submitit
-whether each job is still queued or running. A run whose job is still queued or running is
-never submitted or trained a second time, by any launcher. `submitit-local` runs the very same
+whether each job is still queued or running (inflight.py). A run whose job is still queued or
+running is never submitted or trained a second time, by any launcher. `submitit-local` runs the very same
 code with submitit's local executor (each job a local process), which is how the tests
 exercise this path without Slurm.
 """
@@ -26,29 +26,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .errors import MhcLabError
-from .experiment_file import Experiment
-from .runner import Reporter, SilentReporter, SweepOutcome, execute_run, plan_sweep
-from .store import ExperimentStore, RunFiles, as_float, atomic_write_text, blocking_lock
-from .sweep import PlannedRun
-
-CLUSTERS = {"slurm": "slurm", "submitit-local": "local"}  # launcher.kind -> submitit cluster
-# Scheduler states of a job that may still train (submitit counts UNKNOWN as unfinished too:
-# sacct often does not know a job in its first seconds).
-ALIVE = {"PENDING", "CONFIGURING", "REQUEUED", "READY", "RUNNING", "COMPLETING", "SUSPENDED",
-         "PREEMPTED", "RESIZING", "UNKNOWN"}
-QUEUED = {"PENDING", "CONFIGURING", "REQUEUED", "READY"}
-
-
-def _submitit():
-    try:
-        import submitit
-    except ImportError:
-        raise MhcLabError(
-            "launcher kinds `slurm` and `submitit-local` need submitit: pip install 'mhc-lab[slurm]'"
-        ) from None
-    return submitit
-
+from ..errors import MhcLabError
+from ..experiment.loader import Experiment
+from ..experiment.sweep import PlannedRun
+from ..store import ExperimentStore, RunFiles, as_float, atomic_write_text, blocking_lock
+from ..training.runner import execute_run
+from .base import LockedLauncher, Reporter, SweepOutcome, plan
+from .inflight import ALIVE, CLUSTERS, JobRecord, job_handle, job_state, read_jobs, submitit_module
 
 # -- what a job runs -------------------------------------------------------------------------
 
@@ -74,29 +58,7 @@ class RunJob:
         return DelayedSubmission(self, *args, **kwargs)
 
 
-# -- jobs.json -------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class JobRecord:
-    """One submitted run: where submitit keeps its job, and when it was submitted."""
-
-    run_id: str
-    job_id: str
-    cluster: str  # submitit's name: slurm or local
-    folder: str  # submitit's job folder (pickles and logs)
-    submitted: str  # local time, ISO 8601
-
-
-def read_jobs(store: ExperimentStore) -> dict[str, JobRecord]:
-    """run_id -> its latest job, from jobs.json (empty if nothing was ever submitted)."""
-    if not store.jobs_json.exists():
-        return {}
-    data = json.loads(store.jobs_json.read_text(encoding="utf-8"))
-    return {rid: JobRecord(run_id=rid, **rec) for rid, rec in data.get("jobs", {}).items()}
-
-
-def _record_jobs(store: ExperimentStore, records: list[JobRecord]) -> None:
+def record_jobs(store: ExperimentStore, records: list[JobRecord]) -> None:
     with blocking_lock(store.lock_path("jobs")):
         jobs = {rid: dataclasses.asdict(r) for rid, r in read_jobs(store).items()}
         for r in records:
@@ -104,99 +66,12 @@ def _record_jobs(store: ExperimentStore, records: list[JobRecord]) -> None:
         atomic_write_text(store.jobs_json, json.dumps({"jobs": jobs}, indent=2, sort_keys=True) + "\n")
 
 
-# -- job states ------------------------------------------------------------------------------
-
-
-def _job_handle(record: JobRecord):
-    submitit = _submitit()
-    if record.cluster == "slurm":
-        return submitit.SlurmJob(folder=record.folder, job_id=record.job_id)
-    return submitit.local.local.LocalJob(folder=record.folder, job_id=record.job_id)
-
-
-def job_state(record: JobRecord, job: Any = None) -> str:
-    """The scheduler's state of a job: PENDING, RUNNING, COMPLETED, TIMEOUT, ... (Slurm's
-    words); FINISHED once submitit has its result. `job`: the live submitit handle, if this
-    process submitted it."""
-    submitit = _submitit()
-    paths = submitit.core.utils.JobPaths(record.folder, job_id=record.job_id, task_id=0)
-    if paths.result_pickle.exists():
-        return "FINISHED"
-    if record.cluster == "local" and job is None:  # a local job of another process: its pid
-        return "RUNNING" if _pid_alive(int(record.job_id)) else "INTERRUPTED"
-    state = (job if job is not None else _job_handle(record)).state
-    return str(state).split()[0].upper()  # e.g. "CANCELLED by 1234" -> CANCELLED
-
-
-def job_states(records: dict[str, JobRecord]) -> dict[str, str]:
-    """job_state of many jobs; Slurm is asked once for all of them (one sacct call)."""
-    handles = {rid: _job_handle(r) for rid, r in records.items() if r.cluster == "slurm"}
-    return {rid: job_state(r, handles.get(rid)) for rid, r in records.items()}
-
-
-def _pid_alive(pid: int) -> bool:
-    try:  # our own child that has exited (a zombie until reaped) is not alive
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def live_job_runs(store: ExperimentStore) -> set[str]:
-    """Runs whose latest job may still train them (queued, running, or unknown to sacct).
-    Without submitit (a results folder copied elsewhere) no job can be asked: none."""
-    try:
-        _submitit()
-    except MhcLabError:
-        return set()
-    unfinished = {rid: r for rid, r in read_jobs(store).items() if store.run(rid).read_summary() is None}
-    return {rid for rid, state in job_states(unfinished).items() if state in ALIVE}
-
-
-def submitted_view(store: ExperimentStore) -> dict[str, tuple[str, str]]:
-    """For `mhc-lab ls`: run_id -> (job id, state), where state is `submitted` (queued),
-    `running`, `finished` (the job ended; the run's own status says how), or the scheduler's
-    word for a job that ended without a result (`timeout`, `cancelled`, ...)."""
-    records = read_jobs(store)
-    try:
-        states = job_states(records)
-    except MhcLabError:  # no submitit here
-        states = {rid: "UNKNOWN" for rid in records}
-    view = {}
-    for rid, record in records.items():
-        files = store.run(rid)
-        state = states[rid]
-        if files.read_summary() is not None or state in ("FINISHED", "COMPLETED"):
-            label = "finished"
-        elif state == "UNKNOWN":  # sacct does not know it (yet), or no submitit here
-            label = "unknown"
-        elif state in QUEUED or (state in ALIVE and not _started(files)):
-            label = "submitted"
-        elif state in ALIVE:
-            label = "running"
-        else:
-            label = state.lower()
-        view[rid] = (record.job_id, label)
-    return view
-
-
-def _started(files: RunFiles) -> bool:
-    return files.metrics.exists() or files.checkpoint.exists()
-
-
 # -- submitting and waiting ------------------------------------------------------------------
 
 
 def make_executor(exp: Experiment, store: ExperimentStore):
     """A submitit executor configured from the experiment's `launcher` section."""
-    submitit = _submitit()
+    submitit = submitit_module()
     launcher = exp.config.launcher
     folder = job_folder(exp, store)
     try:
@@ -235,44 +110,47 @@ def job_folder(exp: Experiment, store: ExperimentStore) -> Path:
     return (path if path.is_absolute() else exp.base_dir / path).resolve()
 
 
-def submit_sweep(
-    exp: Experiment,
-    store: ExperimentStore,
-    reporter: Optional[Reporter] = None,
-    wait: bool = True,
-    only: Optional[set[str]] = None,
-    notify: Callable[[str], None] = lambda line: None,
-) -> SweepOutcome:
-    """Submit every pending run as a job (skipping runs whose job is still alive), record the
-    jobs in jobs.json, and, with `wait`, show progress until all of them have ended.
-    `notify` gets a line about the submission before the waiting starts."""
-    reporter = reporter or SilentReporter()
-    runs, done, busy = plan_sweep(exp, store, only)
-    todo = [r for r in runs if r.run_id not in done]
-    outcome = SweepOutcome(skipped=len(done))
-    handles: dict[str, Any] = {}
-    if todo:
-        handles = _submit(exp, store, todo)
-        outcome.submitted = {rid: str(job.job_id) for rid, job in handles.items()}
-        notify(f"submitted {len(todo)} runs as {exp.config.launcher.kind} jobs "
-               f"({', '.join(outcome.submitted.values())}): job ids in {store.jobs_json}, "
-               f"logs in {job_folder(exp, store)}")
-    if busy:
-        notify(f"{len(busy)} runs already have a job in flight: not submitted again")
-    records = read_jobs(store)
-    for rid in busy:  # submitted earlier: watch it too (a local job of another process: by its pid)
-        handles[rid] = _job_handle(records[rid]) if records[rid].cluster == "slurm" else None
-    watched = [r for r in exp.runs if r.run_id in handles]
-    if not wait:
-        outcome.in_flight = [r.run_id for r in watched]
-        outcome.summaries = [store.run(rid).read_summary() for rid in sorted(done)]
+class SubmititLauncher(LockedLauncher):
+    """`launcher: {kind: slurm}` or `submitit-local`: one job per pending run, as a job array.
+
+    `wait`: show progress until every job has ended (else return once submitted); `notify`
+    gets a line about the submission before the waiting starts."""
+
+    def __init__(self, wait: bool = True, notify: Callable[[str], None] = lambda line: None) -> None:
+        self.wait = wait
+        self.notify = notify
+
+    def execute(
+        self, exp: Experiment, store: ExperimentStore, reporter: Reporter, only: Optional[set[str]] = None
+    ) -> SweepOutcome:
+        """Submit every pending run as a job (skipping runs whose job is still alive), record
+        the jobs in jobs.json, and, with `wait`, show progress until all of them have ended."""
+        runs, done, busy = plan(exp, store, only)
+        todo = [r for r in runs if r.run_id not in done]
+        outcome = SweepOutcome(skipped=len(done))
+        handles: dict[str, Any] = {}
+        if todo:
+            handles = _submit(exp, store, todo)
+            outcome.submitted = {rid: str(job.job_id) for rid, job in handles.items()}
+            self.notify(f"submitted {len(todo)} runs as {exp.config.launcher.kind} jobs "
+                        f"({', '.join(outcome.submitted.values())}): job ids in {store.jobs_json}, "
+                        f"logs in {job_folder(exp, store)}")
+        if busy:
+            self.notify(f"{len(busy)} runs already have a job in flight: not submitted again")
+        records = read_jobs(store)
+        for rid in busy:  # submitted earlier: watch it too (a local job of another process: by its pid)
+            handles[rid] = job_handle(records[rid]) if records[rid].cluster == "slurm" else None
+        watched = [r for r in exp.runs if r.run_id in handles]
+        if not self.wait:
+            outcome.in_flight = [r.run_id for r in watched]
+            outcome.summaries = [store.run(rid).read_summary() for rid in sorted(done)]
+            return outcome
+        everything = [r for r in exp.runs if r.run_id in done or r.run_id in handles]
+        reporter.sweep_started(everything, done)
+        outcome.lost = _watch(exp, store, watched, handles, records, reporter, everything)
+        store.write_summary_csv([r.run_id for r in exp.runs])
+        outcome.summaries = [s for r in everything if (s := store.run(r.run_id).read_summary())]
         return outcome
-    everything = [r for r in exp.runs if r.run_id in done or r.run_id in handles]
-    reporter.sweep_started(everything, done)
-    outcome.lost = _watch(exp, store, watched, handles, records, reporter, everything)
-    store.write_summary_csv([r.run_id for r in exp.runs])
-    outcome.summaries = [s for r in everything if (s := store.run(r.run_id).read_summary())]
-    return outcome
 
 
 def _submit(exp: Experiment, store: ExperimentStore, todo: list[PlannedRun]) -> dict[str, Any]:
@@ -296,7 +174,7 @@ def _submit(exp: Experiment, store: ExperimentStore, todo: list[PlannedRun]) -> 
         raise MhcLabError(f"submitting {len(todo)} jobs failed: {lines[-1]}") from None
     cluster = CLUSTERS[exp.config.launcher.kind]
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-    _record_jobs(store, [
+    record_jobs(store, [
         JobRecord(run.run_id, str(job.job_id), cluster, str(job_folder(exp, store)), stamp)
         for run, job in zip(todo, jobs)
     ])

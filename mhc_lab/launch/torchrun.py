@@ -1,6 +1,6 @@
 """Data-parallel training of one run over several processes: torchrun + DistributedDataParallel.
 
-    torchrun --nproc_per_node 2 -m mhc_lab.distributed experiments/smoke.yaml [--run-id RUN_ID]
+    torchrun --nproc_per_node 2 -m mhc_lab.launch.torchrun experiments/smoke.yaml [--run-id RUN_ID]
 
 Every rank builds the same model from the same seed and draws the same global batch,
 `data.training_batch(seed, step)` with train.batch_size rows; rank r of W trains on rows
@@ -34,12 +34,13 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .config import RunConfig
-from .errors import MhcLabError
-from .experiment_file import ConfigError, Experiment, load_experiment
-from .runner import Reporter, SilentReporter, SweepOutcome, execute_run, open_store, plan_sweep
-from .store import ExperimentStore, JsonlWriter, RunFiles
-from .train import Trainer, pick_device
+from ..errors import MhcLabError
+from ..experiment.config import RunConfig
+from ..experiment.loader import ConfigError, Experiment, load_experiment
+from ..store import ExperimentStore, JsonlWriter, RunFiles
+from ..training.runner import execute_run
+from ..training.trainer import Trainer, pick_device
+from .base import Launcher, Reporter, SilentReporter, SweepOutcome, open_store, plan
 
 
 def world_size() -> int:
@@ -55,7 +56,7 @@ class _NoLog:
 
 
 class DataParallelTrainer(Trainer):
-    """train.Trainer over all ranks of the default process group (see the module docstring)."""
+    """trainer.Trainer over all ranks of the default process group (see the module docstring)."""
 
     def __init__(self, cfg: RunConfig, files: RunFiles, base_dir: Optional[Path] = None, progress=None) -> None:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -110,37 +111,47 @@ class DataParallelTrainer(Trainer):
 
 
 def train_data_parallel(cfg: RunConfig, files: RunFiles, base_dir: Optional[Path] = None, progress=None) -> dict:
-    """train.train_run over all ranks (every rank calls it; rank 0's summary is the run's)."""
+    """trainer.train_run over all ranks (every rank calls it; rank 0's summary is the run's)."""
     return DataParallelTrainer(cfg, files, base_dir, progress).run()
 
 
-def run_sweep_data_parallel(
-    exp: Experiment,
-    out: Path,
-    only: Optional[set[str]] = None,
-    fresh: bool = False,
-    reporter: Optional[Reporter] = None,
-) -> SweepOutcome:
-    """Every rank calls this: the pending runs (or those in `only`), each over all ranks.
+class TorchrunLauncher(Launcher):
+    """Every pending run of the sweep data-parallel over all ranks of the process group, one
+    run after another (see the module docstring). Every rank calls `run`."""
 
-    Rank 0 holds the results folder's lock, decides what is pending and writes every file; the
-    others follow its list. Returns the outcome on rank 0, an empty one elsewhere."""
+    def run(
+        self,
+        exp: Experiment,
+        out: Path,
+        fresh: bool = False,
+        reporter: Optional[Reporter] = None,
+        only: Optional[set[str]] = None,
+    ) -> SweepOutcome:
+        """The pending runs (or those in `only`), each over all ranks. Rank 0 holds the
+        results folder's lock, decides what is pending and writes every file; the others
+        follow its list. Returns the outcome on rank 0, an empty one elsewhere."""
+        return _run_ranks(exp, out, fresh, reporter, only)
+
+
+def _run_ranks(
+    exp: Experiment, out: Path, fresh: bool, reporter: Optional[Reporter], only: Optional[set[str]]
+) -> SweepOutcome:
     rank = dist.get_rank()
     reporter = reporter if rank == 0 and reporter is not None else SilentReporter()
     store = ExperimentStore(Path(out) / exp.config.name)
     with ExitStack() as stack:
-        plan: list = [None, []]  # [error message or None, ids of the runs to train]
+        decision: list = [None, []]  # [error message or None, ids of the runs to train]
         if rank == 0:
             try:
                 stack.enter_context(open_store(exp, out, fresh))
-                planned, done, _busy = plan_sweep(exp, store, only)  # never a run a job trains
-                plan[1] = [r.run_id for r in planned if r.run_id not in done]
+                planned, done, _busy = plan(exp, store, only)  # never a run a job trains
+                decision[1] = [r.run_id for r in planned if r.run_id not in done]
             except MhcLabError as exc:
-                plan[0] = str(exc)
-        dist.broadcast_object_list(plan, src=0)
-        if plan[0] is not None:
-            raise MhcLabError(plan[0])
-        todo = set(plan[1])
+                decision[0] = str(exc)
+        dist.broadcast_object_list(decision, src=0)
+        if decision[0] is not None:
+            raise MhcLabError(decision[0])
+        todo = set(decision[1])
         runs = [r for r in exp.runs if only is None or r.run_id in only]
         reporter.sweep_started(runs, {r.run_id for r in runs if r.run_id not in todo})
         all_ids = [r.run_id for r in exp.runs]
@@ -191,7 +202,7 @@ def _init_process_group(exp: Experiment) -> torch.device:
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="torchrun --nproc_per_node N -m mhc_lab.distributed",
+        prog="torchrun --nproc_per_node N -m mhc_lab.launch.torchrun",
         description="Train runs of an experiment data-parallel over the processes torchrun starts.",
     )
     parser.add_argument("file", type=Path, help="Experiment YAML file.")
@@ -227,7 +238,7 @@ def launch(
         )
     _init_process_group(exp)
     try:
-        outcome = run_sweep_data_parallel(exp, out, set(runs) if runs else None, fresh, reporter)
+        outcome = TorchrunLauncher().run(exp, out, fresh, reporter, set(runs) if runs else None)
         # Leave together: a rank that tears gloo down while another still holds its connection
         # can abort the other at exit ("terminate called without an active exception").
         dist.barrier()

@@ -3,7 +3,7 @@
 The parent process keeps everything a one-worker sweep has: it holds the results folder's lock,
 decides which runs are done, relays progress to the reporter and rebuilds summary.csv after
 each finished run. Workers are spawned processes (a fresh interpreter: no state copied from
-the parent); each trains one run at a time through `runner.execute_run` and writes only that
+the parent); each trains one run at a time through `training.runner.execute_run` and writes only that
 run's folder, so files, resume and failures are those of a one-worker sweep. The CPU cores are
 split: every worker uses max(1, cores // workers) torch threads unless train.threads is set.
 
@@ -22,11 +22,12 @@ import signal
 from pathlib import Path
 from typing import Optional
 
-from .errors import MhcLabError
-from .experiment_file import Experiment
-from .runner import Reporter, SilentReporter, SweepOutcome, execute_run, plan_sweep
-from .store import ExperimentStore
-from .sweep import PlannedRun
+from ..errors import MhcLabError
+from ..experiment.loader import Experiment
+from ..experiment.sweep import PlannedRun
+from ..store import ExperimentStore
+from ..training.runner import execute_run
+from .base import LockedLauncher, Reporter, SweepOutcome, plan
 
 POLL_S = 0.2  # how long the parent waits for a message before checking its workers
 
@@ -80,42 +81,43 @@ def _train_one(exp: Experiment, run: PlannedRun, root: str) -> None:
 # -- in the parent -------------------------------------------------------------------------
 
 
-def run_sweep_parallel(
-    exp: Experiment,
-    store: ExperimentStore,
-    reporter: Optional[Reporter] = None,
-    only: Optional[set[str]] = None,
-    workers: int = 2,
-) -> SweepOutcome:
-    """runner.run_sweep with `workers` runs training at once; same files, same outcome."""
-    reporter = reporter or SilentReporter()
-    runs, done, busy = plan_sweep(exp, store, only)
-    reporter.sweep_started(runs, done)
-    all_ids = [r.run_id for r in exp.runs]
-    summaries = {rid: store.run(rid).read_summary() for rid in done}
-    todo = [r for r in runs if r.run_id not in done]
-    if todo:
-        n_workers = min(workers, len(todo))
-        ctx = mp.get_context("spawn")
-        messages, stop = ctx.Queue(), ctx.Event()
-        threads = max(1, cpu_cores() // n_workers)
-        with cf.ProcessPoolExecutor(
-            n_workers, mp_context=ctx, initializer=_init_worker, initargs=(messages, stop, threads)
-        ) as pool:
-            futures = {pool.submit(_train_one, exp, run, str(store.root)): run for run in todo}
-            try:
-                _relay(messages, futures, runs, summaries, store, all_ids, reporter)
-            except BaseException:
-                stop.set()  # running workers stop at their next step; queued runs never start
-                for future in futures:
-                    future.cancel()
-                raise
-    store.write_summary_csv(all_ids)
-    return SweepOutcome(
-        summaries=[summaries[r.run_id] for r in runs if r.run_id in summaries],
-        skipped=len(done),
-        in_flight=busy,
-    )
+class WorkersLauncher(LockedLauncher):
+    """`launcher: {kind: local, workers: N}` (`--workers N`): N runs train at once, each in its
+    own spawned process; same files, same outcome as the serial launcher."""
+
+    def __init__(self, workers: int = 2) -> None:
+        self.workers = workers
+
+    def execute(
+        self, exp: Experiment, store: ExperimentStore, reporter: Reporter, only: Optional[set[str]] = None
+    ) -> SweepOutcome:
+        runs, done, busy = plan(exp, store, only)
+        reporter.sweep_started(runs, done)
+        all_ids = [r.run_id for r in exp.runs]
+        summaries = {rid: store.run(rid).read_summary() for rid in done}
+        todo = [r for r in runs if r.run_id not in done]
+        if todo:
+            n_workers = min(self.workers, len(todo))
+            ctx = mp.get_context("spawn")
+            messages, stop = ctx.Queue(), ctx.Event()
+            threads = max(1, cpu_cores() // n_workers)
+            with cf.ProcessPoolExecutor(
+                n_workers, mp_context=ctx, initializer=_init_worker, initargs=(messages, stop, threads)
+            ) as pool:
+                futures = {pool.submit(_train_one, exp, run, str(store.root)): run for run in todo}
+                try:
+                    _relay(messages, futures, runs, summaries, store, all_ids, reporter)
+                except BaseException:
+                    stop.set()  # running workers stop at their next step; queued runs never start
+                    for future in futures:
+                        future.cancel()
+                    raise
+        store.write_summary_csv(all_ids)
+        return SweepOutcome(
+            summaries=[summaries[r.run_id] for r in runs if r.run_id in summaries],
+            skipped=len(done),
+            in_flight=busy,
+        )
 
 
 def _relay(messages, futures, runs, summaries, store, all_ids, reporter) -> None:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
+from ..experiment.config import ModelConfig
 from .fused import HcRead, MhcRead, fused_path_ok
 from .mixing import Sublayer, _StreamWrite, mix_read, mix_streams, rms_projection
 from .sinkhorn import sinkhorn_knopp

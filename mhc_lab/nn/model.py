@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
+from ..experiment.config import ModelConfig
 from .connections import RMSNorm, build_connection, is_decayed, optional_hres
 
 VOCAB_SIZE = 256

@@ -32,7 +32,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from .errors import MhcLabError
+from ..errors import MhcLabError
 
 SUMMARY_COLUMNS: tuple[str, ...] = (
     "run_id", "connection", "depth", "layers", "d_model", "n_streams", "sinkhorn_iters",

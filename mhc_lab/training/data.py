@@ -8,7 +8,6 @@ Training batches depend only on (seed, step), so a resumed run sees the same bat
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import sysconfig
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from .config import DataConfig
+from ..experiment.config import DataConfig, user_files
 
 
 @dataclass(frozen=True)
@@ -45,18 +44,6 @@ def stdlib_files() -> list[Path]:
         if "site-packages" not in p.parts and "__pycache__" not in p.parts and p.is_file()
     ]
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
-
-
-def user_files(path: str, base_dir: Optional[Path] = None) -> list[Path]:
-    """The files named by `path`: a file, a folder (all files below it) or a glob; sorted."""
-    p = Path(path).expanduser()
-    if not p.is_absolute() and base_dir is not None:
-        p = base_dir / p
-    if p.is_file():
-        return [p]
-    if p.is_dir():
-        return sorted(f for f in p.rglob("*") if f.is_file())
-    return sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
 
 
 def read_bytes(files: list[Path], max_bytes: int) -> bytes:

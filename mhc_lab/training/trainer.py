@@ -20,13 +20,13 @@ from typing import Callable, Optional
 
 import torch
 
-from . import __version__
-from .config import RunConfig
+from .. import __version__
+from ..experiment.config import RunConfig
 from .data import Corpus, load_corpus, probe_sequence, training_batch, validation_batches
-from .gain import gain_metrics
-from .model import LanguageModel, build_model
+from ..probe.gain import gain_metrics
+from ..nn.model import LanguageModel, build_model
 from .schedule import learning_rate
-from .store import JsonlWriter, RunFiles, atomic_write_bytes, truncate_jsonl
+from ..store import JsonlWriter, RunFiles, atomic_write_bytes, truncate_jsonl
 
 ProgressCallback = Callable[[dict], None]
 

@@ -1,0 +1,17 @@
+"""The model and its residual connections (plain residual, HC, mHC), with Sinkhorn-Knopp,
+the per-token mixing Functions, and the fused native CPU kernels that speed them up.
+
+    build_model(cfg, max_seq_len, seed) -> LanguageModel
+    build_connection(cfg, layer_index)  -> ResidualConnection | HyperConnection | ManifoldHyperConnection
+"""
+
+from .connections import (
+    HyperConnection, ManifoldHyperConnection, ResidualConnection, build_connection,
+)
+from .model import LanguageModel, build_model
+from .sinkhorn import sinkhorn_knopp
+
+__all__ = [
+    "HyperConnection", "LanguageModel", "ManifoldHyperConnection", "ResidualConnection",
+    "build_connection", "build_model", "sinkhorn_knopp",
+]
