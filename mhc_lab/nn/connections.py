@@ -185,7 +185,7 @@ class ManifoldHyperConnection(nn.Module):
         self.sinkhorn_iters = sinkhorn_iters
         self.eps = eps
         self.norm_weight = nn.Parameter(torch.ones(n * d_model))  # RMSNorm weight over nC
-        self.dynamic_phi = nn.Parameter(torch.zeros(n * d_model, 2 * n + n * n))
+        self.dynamic_phi = nn.Parameter(torch.zeros(n * d_model, 2 * n + self.res_logits))
         self.gate_pre = nn.Parameter(torch.tensor(0.01))
         self.gate_post = nn.Parameter(torch.tensor(0.01))
         self.gate_res = nn.Parameter(torch.tensor(0.01))
@@ -193,34 +193,62 @@ class ManifoldHyperConnection(nn.Module):
         b_pre[layer_index % n] = init_logit
         self.bias_pre = nn.Parameter(b_pre)
         self.bias_post = nn.Parameter(torch.zeros(n))
-        self.bias_res = nn.Parameter(-init_logit * (1.0 - torch.eye(n)))
+        self.bias_res = nn.Parameter(self.initial_res_bias(init_logit))
+
+    # -- how H_res is built from its per-token logits: the part the mHC variants replace --------
+
+    # Whether `forward` may take the fused native path (`fused.MhcRead`), which builds H_res by
+    # Sinkhorn-Knopp itself; a variant with another construction sets this to False.
+    fused_sinkhorn = True
+
+    @property
+    def res_logits(self) -> int:
+        """How many logits per token H_res is built from: n*n for Sinkhorn-Knopp."""
+        return self.n * self.n
+
+    def initial_res_bias(self, init_logit: float) -> torch.Tensor:
+        """b_res: -s off the diagonal, 0 on it ((n, n), flattened in `_folded`)."""
+        return -init_logit * (1.0 - torch.eye(self.n))
+
+    def residual_matrix(self, logits: torch.Tensor) -> torch.Tensor:
+        """H_res (..., n, n) from the logits (..., res_logits): Sinkhorn-Knopp of mat(logits)."""
+        return sinkhorn_knopp(logits.unflatten(-1, (self.n, self.n)), self.sinkhorn_iters)
+
+    # -- the shared mHC parametrisation -----------------------------------------------------------
 
     def _folded(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """phi with the RMSNorm weight and the gates a_* folded in, (nC, 2n + n*n), and the
-        biases [b_pre | b_post | vec(b_res)], (2n + n*n,)."""
+        """phi with the RMSNorm weight and the gates a_* folded in, (nC, 2n + K), and the
+        biases [b_pre | b_post | vec(b_res)], (2n + K,); K = `res_logits` (n*n for mHC)."""
         n = self.n
         gates = torch.cat(
-            [self.gate_pre.expand(n), self.gate_post.expand(n), self.gate_res.expand(n * n)]
-        )  # (2n + n*n,): a_pre, a_post, a_res per column
-        bias = torch.cat([self.bias_pre, self.bias_post, self.bias_res.flatten()])  # (2n + n*n,)
-        phi = self.norm_weight.unsqueeze(-1) * self.dynamic_phi * gates  # (nC, 2n + n*n)
+            [self.gate_pre.expand(n), self.gate_post.expand(n), self.gate_res.expand(self.res_logits)]
+        )  # (2n + K,): a_pre, a_post, a_res per column
+        bias = torch.cat([self.bias_pre, self.bias_post, self.bias_res.flatten()])  # (2n + K,)
+        phi = self.norm_weight.unsqueeze(-1) * self.dynamic_phi * gates  # (nC, 2n + K)
         return phi, bias
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """a * (RMSNorm(vec(x)) @ phi) + b for x: (B, T, n, C): (B, T, 2n + K), with 1/rms
+        applied after the matmul; the last K are H_res's logits."""
+        phi, bias = self._folded()
+        return rms_projection(x.flatten(-2), phi, self.eps) + bias  # (B, T, 2n + K)
+
+    def residual_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits H_res is built from, (B, T, K), for x: (B, T, n, C) (probe diagnostics)."""
+        return self.logits(x)[..., 2 * self.n :]
 
     def coefficients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """H_pre (B, T, n), H_post (B, T, n), H_res (B, T, n, n) for x: (B, T, n, C)."""
         n = self.n
-        v = x.flatten(-2)  # (B, T, nC)
-        phi, bias = self._folded()
-        # a * (RMSNorm(v) @ phi) + b, with 1/rms(v) applied after the matmul: (B, T, 2n + n*n)
-        logits = rms_projection(v, phi, self.eps) + bias
+        logits = self.logits(x)  # (B, T, 2n + K)
         gated = torch.sigmoid(logits[..., : 2 * n])  # (B, T, 2n)
         h_pre = gated[..., :n]  # (B, T, n)
         h_post = 2.0 * gated[..., n:]  # (B, T, n)
-        h_res = sinkhorn_knopp(logits[..., 2 * n :].unflatten(-1, (n, n)), self.sinkhorn_iters)
-        return h_pre, h_post, h_res  # h_res: (B, T, n, n)
+        h_res = self.residual_matrix(logits[..., 2 * n :])  # (B, T, n, n)
+        return h_pre, h_post, h_res
 
     def forward(self, x: torch.Tensor, sublayer: Sublayer) -> tuple[torch.Tensor, torch.Tensor]:
-        if fused_path_ok(x, self.dynamic_phi):
+        if self.fused_sinkhorn and fused_path_ok(x, self.dynamic_phi):
             return self._fused_forward(x, sublayer)
         h_pre, h_post, h_res = self.coefficients(x)
         return mix_streams(x, h_pre, h_post, h_res, sublayer), h_res
