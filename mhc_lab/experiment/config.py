@@ -47,7 +47,15 @@ class DataConfig(Section):
         0.1,
         gt=0.0,
         lt=0.5,
-        description="The last fraction of the corpus is held out for validation and the probe.",
+        description="The fraction of the corpus held out for validation and the probe (see "
+        "val_split).",
+    )
+    val_split: Literal["tail", "hashed"] = Field(
+        "tail",
+        description="Which bytes are held out: `tail` = the last val_fraction of the corpus "
+        "(files in sorted order, so the alphabetically last files); `hashed` = whole files, "
+        "chosen by a stable hash of their path, about val_fraction of them, so validation "
+        "text is drawn like training text.",
     )
 
 
@@ -321,7 +329,7 @@ IRRELEVANT_MODEL_FIELDS: dict[str, set[str]] = {
 }
 # Fields added after results were committed, left out of the run_id hash at these values
 # (their defaults, the behaviour before they existed), so every earlier run keeps its id.
-LATER_FIELDS: dict[str, Any] = {"model.sinkhorn_tol": None}
+LATER_FIELDS: dict[str, Any] = {"model.sinkhorn_tol": None, "data.val_split": "tail"}
 
 
 def reference_markdown() -> str:
