@@ -293,7 +293,7 @@ IRRELEVANT_MODEL_FIELDS: dict[str, set[str]] = {
 
 
 def reference_markdown() -> str:
-    """The experiment-file reference as Markdown tables (README.md embeds this verbatim)."""
+    """The experiment-file reference as Markdown tables (docs/experiment-file.md embeds this verbatim)."""
     sections = [
         ("top level", ExperimentConfig, ("data", "model", "train", "probe", "sweep", "launcher")),
         ("data", DataConfig, ()),
