@@ -333,7 +333,7 @@ LATER_FIELDS: dict[str, Any] = {"model.sinkhorn_tol": None, "data.val_split": "t
 
 
 def reference_markdown() -> str:
-    """The experiment-file reference as Markdown tables (README.md embeds this verbatim)."""
+    """The experiment-file reference as Markdown tables (docs/experiment-file.md embeds this verbatim)."""
     sections = [
         ("top level", ExperimentConfig, ("data", "model", "train", "probe", "sweep", "launcher")),
         ("data", DataConfig, ()),
