@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .experiment.config import ExperimentConfig
@@ -30,7 +31,7 @@ err_console = Console(stderr=True)
 
 def fail(error: MhcLabError) -> None:
     """Print one line and exit with the error's code (no traceback)."""
-    err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
     raise typer.Exit(error.exit_code)
 
 
