@@ -251,6 +251,17 @@ def test_torchrun_logs_from_rank_zero_only(tmp_path):
     assert tensorboard_scalars(run_dir / "tb")["train/loss"] == list(range(STEPS))
 
 
+@needs_tensorboard
+def test_submitted_jobs_log_where_they_train(tmp_path):
+    pytest.importorskip("submitit")
+    exp = write_experiment(tmp_path, {"logging": {"tensorboard": True}, "launcher": {"poll_s": 0.1},
+                                      "sweep": {"grid": {"model.connection": ["hc"]}}})
+    result = cli("run", exp, "--out", tmp_path / "out", "--launcher", "submitit-local")
+    assert result.exit_code == 0, result.output
+    (run_dir,) = (tmp_path / "out" / "tiny" / "runs").iterdir()
+    assert tensorboard_scalars(run_dir / "tb")["train/loss"] == list(range(STEPS))
+
+
 # -- failures and refusals (no optional package needed) --------------------------------------
 
 
