@@ -203,11 +203,11 @@ def stability_reading(view: ExperimentView) -> list[str]:
 
 BREAKERS_DEFINITION = (
     "For every mHC-family run whose peak composite backward gain exceeds the paper's 1.6: the "
-    "layers with the largest single-layer backward gain (largest |column sum| of one H_res, max "
-    "over the probe tokens), replaced one at a time by the identity in the saved peak H_res "
-    "(hres.npz) until the composite is within 1.6 (at most 5 layers), and the composite gain "
-    "then. A violation that disappears with one or two layers replaced comes from those "
-    "layers' matrices, not from a small error multiplied over depth."
+    "layers with the largest single-layer backward gain (largest |column sum| of one H_res, worst "
+    "probe token), every one above 1.5 and then the next largest while the composite stays "
+    "above 1.6 (at most 5), and the composite gain with them replaced by the identity in the "
+    "saved peak H_res (hres.npz). A violation that disappears with one or two layers replaced "
+    "comes from those layers' matrices, not from a small error multiplied over depth."
 )
 
 
