@@ -19,6 +19,7 @@ from .results_fixtures import copy_results, results_folder
 
 SWEEP_FIGURES = (
     "gain_vs_step", "gain_vs_scale", "gain_by_layer", "loss_and_grad_norm", "mixing_matrices", "signal_by_layer",
+    "constraint_health",
 )
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -49,7 +50,7 @@ def test_every_figure_of_the_sweep_is_a_valid_image(sweep, plotted):
         assert_png(path)
         assert str(path) in plotted.output.replace("\n", "")
     assert "skipped sweep_heatmap" in plotted.output  # depth is the only numeric axis
-    assert "6 figures written, 1 skipped" in plotted.output
+    assert "7 figures written, 1 skipped" in plotted.output
 
 
 def test_the_sweep_axes_and_groups_come_from_the_resolved_configs(sweep):
@@ -167,3 +168,26 @@ def test_aggregate_aligns_curves_and_drops_non_finite_values():
 def test_number_formatting():
     assert [fmt_number(v) for v in (1.0, 0.948, 12.34, 2580.0, 1.2e5, float("inf"))] == \
         ["1", "0.948", "12.3", "2.6e3", "1.2e5", "inf"]
+
+
+def test_constraint_health_draws_the_last_probe_of_the_mhc_runs(sweep):
+    """Column errors and logit spreads by layer, one line per constrained connection, from the
+    last probe's records; HC and the residual are not drawn (nothing constrains them)."""
+    from mhc_lab.analysis.plots.constraint import fig_constraint_health
+
+    view = load_view(sweep)
+    (_, fig), = fig_constraint_health(view)
+    col_axes = [ax for ax in fig.axes if ax.get_ylabel() == "worst |column sum - 1|"]
+    assert col_axes and all(ax.get_yscale() == "log" for ax in col_axes)
+    mhc = [r for r in view.runs if r.connection == "mhc" and r.setting("model.depth") == 1]
+    expected = np.mean([np.maximum(r.probes[-1]["hres"]["col_sum_err"], 1e-9) for r in mhc], axis=0)
+    drawn = [line.get_ydata() for line in col_axes[0].lines if len(line.get_ydata()) == len(expected)]
+    assert any(np.allclose(y, expected) for y in drawn)
+
+
+def test_constraint_health_is_skipped_without_mhc_runs(tmp_path_factory):
+    from mhc_lab.analysis.plots.constraint import fig_constraint_health
+    from mhc_lab.analysis.plots.style import Skip
+
+    with pytest.raises(Skip, match="no mHC-family run"):
+        fig_constraint_health(load_view(results_folder("grid", tmp_path_factory)))  # HC only
