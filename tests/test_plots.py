@@ -15,7 +15,7 @@ from mhc_lab.analysis.plots.style import aggregate, composite_product, fmt_numbe
 from mhc_lab.analysis.view import load_view
 
 from .helpers import cli
-from .results_fixtures import copy_results, results_folder
+from .results_fixtures import copy_results, reseal, results_folder
 
 SWEEP_FIGURES = (
     "gain_vs_step", "gain_vs_scale", "gain_by_layer", "loss_and_grad_norm", "mixing_matrices", "signal_by_layer",
@@ -118,6 +118,7 @@ def test_non_finite_gains_do_not_crash_plotting(tmp_path, tmp_path_factory):
         arrays = {k: z[k] for k in z.files}
     arrays["peak"] = np.full(arrays["peak"].shape, 1e200)  # the composite overflows float64
     np.savez(run / "hres.npz", **arrays)
+    reseal(run)
     result = cli("plot", folder)
     assert result.exit_code == 0, result.output
     assert_png(folder / "figures" / "mixing_matrices.png")
@@ -131,6 +132,7 @@ def _without_stream_rms(folder, which: slice):
             for p in probes[which]:
                 p.pop("stream_rms")
             (run / "probes.jsonl").write_text("".join(json.dumps(p) + "\n" for p in probes))
+            reseal(run)
     return folder
 
 

@@ -11,7 +11,7 @@ import pytest
 from mhc_lab.analysis.view import dead_from, stability
 
 from .helpers import cli
-from .results_fixtures import copy_results, results_folder
+from .results_fixtures import copy_results, reseal, results_folder
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +88,7 @@ def test_report_names_a_dead_run(tmp_path, tmp_path_factory):
     for row in rows[2:]:  # frozen from the third logged step on
         row["grad_norm"] = 0.0
     metrics.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    reseal(run)
     result = cli("report", folder)
     assert result.exit_code == 0, result.output
     text = (folder / "REPORT.md").read_text()

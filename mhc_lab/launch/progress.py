@@ -55,6 +55,9 @@ class RichReporter:
         self.run_tasks[run.run_id] = self.progress.add_task(run.run_id, total=run.config.train.steps, info="")
 
     def run_event(self, run: PlannedRun, event: dict) -> None:
+        if event["event"] == "note":  # e.g. "resuming <run> from step N"
+            self.progress.console.print(f"  {event['line']}", highlight=False, soft_wrap=True)
+            return
         if event["event"] == "probe":
             self.gains[run.run_id] = event["peak"]
             return
@@ -99,6 +102,9 @@ class PlainReporter:
         self.console.print(f"[{self.started}/{self.total}] {run.run_id}: {run.config.train.steps} steps")
 
     def run_event(self, run: PlannedRun, event: dict) -> None:
+        if event["event"] == "note":  # e.g. "resuming <run> from step N"
+            self.console.print(f"  {event['line']}", highlight=False, soft_wrap=True)
+            return
         if event["event"] == "probe":
             self.gains[run.run_id] = event["peak"]
             return
