@@ -12,6 +12,7 @@ from typing import Annotated, Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .experiment.config import ExperimentConfig
@@ -32,7 +33,7 @@ err_console = Console(stderr=True)
 
 def fail(error: MhcLabError) -> None:
     """Print one line and exit with the error's code (no traceback)."""
-    err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
     raise typer.Exit(error.exit_code)
 
 
@@ -65,7 +66,7 @@ def _problems(lines: list[str], noun: str, then: str) -> None:
     if not lines:
         return
     for line in lines[1:]:
-        err_console.print(f"[yellow]also:[/] {line}", highlight=False, soft_wrap=True)
+        err_console.print(f"[yellow]also:[/] {escape(line)}", highlight=False, soft_wrap=True)
     count = f"{len(lines)} {noun}, the first: " if len(lines) > 1 else ""
     fail(DamagedResults(f"{count}{lines[0]}; {then}"))
 
@@ -137,10 +138,10 @@ def run(
                           f"{t.lr:g}", str(t.steps), str(r.config.seed), checked.statuses[r.run_id])
         console.print(table)
     for line in checked.notes:
-        console.print(line, highlight=False, soft_wrap=True)
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
     if checked.refusals:
         for refusal in checked.refusals[:-1]:
-            err_console.print(f"[bold red]error:[/] {refusal}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(refusal))}", highlight=False, soft_wrap=True)
         fail(checked.refusals[-1])
     if dry_run:
         return

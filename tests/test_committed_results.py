@@ -64,3 +64,14 @@ def test_peak_gain_follows_from_the_saved_matrices(run: Path):
         assert first["headline"]["max_gain"] == 1.0  # identity start: the growth is learned
     if summary["connection"] == "residual":
         assert summary["max_gain_fwd"] == summary["max_gain_bwd"] == fwd == bwd == 1.0
+
+
+@pytest.mark.parametrize("name", COMMITTED)
+def test_committed_results_are_not_checkable_but_not_damaged(name):
+    """Written before runs recorded their files (issue #17): `mhc-lab check` says they have no
+    record, checks that their files parse, and finds nothing damaged."""
+    from .helpers import cli
+
+    result = cli("check", RESULTS / name)
+    assert result.exit_code == 0, result.output
+    assert "without an integrity record" in result.output and ", 0 damaged" in result.output

@@ -169,3 +169,67 @@ def test_aggregate_aligns_curves_and_drops_non_finite_values():
 def test_number_formatting():
     assert [fmt_number(v) for v in (1.0, 0.948, 12.34, 2580.0, 1.2e5, float("inf"))] == \
         ["1", "0.948", "12.3", "2.6e3", "1.2e5", "inf"]
+
+
+# -- issue #17: figures that do not hide anything ------------------------------------------
+
+
+def test_tick_labels_tell_gains_near_1_apart():
+    from mhc_lab.analysis.plots.style import draw_band, gain_axis, new_figure
+
+    fig, axes = new_figure(1, 1, (4.0, 3.0))
+    draw_band(axes[0, 0], aggregate([(np.arange(4), np.array([1.0, 1.00002, 1.00004, 1.00006]))]), "mhc")
+    gain_axis(axes[0, 0], "gain")
+    fig.canvas.draw()
+    labels = [t.get_text() for t in axes[0, 0].get_yticklabels() if t.get_text()]
+    assert len(labels) >= 3 and len(set(labels)) == len(labels), labels
+
+
+def test_an_overflowed_value_is_drawn_clipped_and_marked():
+    from mhc_lab.analysis.plots.style import OVERFLOW_MARKER, draw_band, gain_axis, new_figure
+
+    fig, axes = new_figure(1, 1, (4.0, 3.0))
+    draw_band(axes[0, 0], aggregate([(np.arange(3), np.array([1.0, np.inf, np.inf]))]), "hc")
+    gain_axis(axes[0, 0], "gain", ["hc"])  # a panel whose data is mostly overflow still gets limits
+    fig.canvas.draw()
+    (clipped,) = [line for line in axes[0, 0].get_lines() if line.get_marker() == OVERFLOW_MARKER]
+    assert list(clipped.get_xdata()) == [1.0, 2.0] and not clipped.get_clip_on()
+
+
+def test_gain_vs_scale_gives_every_connection_its_own_marker(sweep):
+    from mhc_lab.analysis.plots.gains import fig_gain_vs_scale
+    from mhc_lab.analysis.plots.style import COLORS
+
+    ((_, fig),) = fig_gain_vs_scale(load_view(sweep))
+    markers = {}
+    for line in fig.axes[0].get_lines():
+        if line.get_marker() not in ("None", "", None) and line.get_linestyle() == "None":
+            markers[line.get_markeredgecolor()] = (line.get_marker(), line.get_markersize())
+    shown = {conn: markers[color] for conn, color in COLORS.items() if color in markers}
+    assert set(shown) == {"residual", "hc", "mhc"}
+    assert len({m for m, _ in shown.values()}) == 3 and len({s for _, s in shown.values()}) == 3
+
+
+def test_diverged_and_dead_runs_are_marked_in_every_figure(tmp_path, sweep):
+    from mhc_lab.analysis.plots import gains, training
+    from mhc_lab.analysis.plots.style import STATE_MARKERS
+    from .results_fixtures import reseal
+
+    folder = copy_results(sweep, tmp_path)
+    hc = sorted(p for p in (folder / "runs").iterdir() if p.name.startswith("hc-"))
+    rows = [json.loads(line) for line in (hc[0] / "metrics.jsonl").read_text().splitlines()]
+    for row in rows[1:]:  # dead: gradient exactly 0 from the second logged step on
+        row["grad_norm"] = 0.0
+    (hc[0] / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    summary = json.loads((hc[1] / "summary.json").read_text())
+    summary.update(status="diverged", diverged_step=2, reason="non-finite loss (nan)")
+    (hc[1] / "summary.json").write_text(json.dumps(summary))
+    for run in hc[:2]:
+        reseal(run)
+    view = load_view(folder)
+    for build in (gains.fig_gain_vs_step, gains.fig_gain_vs_scale, training.fig_loss_and_grad):
+        ((stem, fig),) = build(view)
+        drawn = {line.get_marker() for ax in fig.axes for line in ax.get_lines()}
+        assert {STATE_MARKERS["dead"], STATE_MARKERS["diverged"]} <= drawn, stem
+        legend = [t.get_text() for t in fig.legends[0].get_texts()]
+        assert any("diverged" in t for t in legend) and any("dead" in t for t in legend), stem

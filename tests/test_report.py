@@ -42,6 +42,11 @@ def test_report_compares_gains_with_the_paper(sweep_report):
     assert "HC" in output and "≈ 3000" in output  # the key table on the terminal
 
 
+def test_report_cites_only_what_the_repository_or_the_paper_holds(sweep_report):
+    _, text, _ = sweep_report
+    assert "DESIGN.md" not in text  # a file outside the repository (issue #17)
+
+
 def test_stability_measures_count_only_after_warmup():
     steps = np.arange(10.0)
     loss = np.array([5, 4, 3, 3.5, 2, 8, 2, 2, 2, 2], dtype=float)

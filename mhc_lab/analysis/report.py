@@ -263,7 +263,7 @@ def reading(view: ExperimentView) -> list[str]:
                          f"{fmt_number(max(v))} times for {NAMES[c]}" for c, v in growth.items() if v)
                      + baseline + " (figure signal_by_layer).")
     pair = representative_runs(view)
-    if is_pair(view, pair) and pair["mhc"].peak_gain > 0:
+    if is_pair(view, pair) and 0 < pair["mhc"].peak_gain < math.inf and math.isfinite(pair["hc"].peak_gain):
         ratio = pair["hc"].peak_gain / pair["mhc"].peak_gain
         settings = describe({k: pair["hc"].setting(k) for k in view.axes if pair["hc"].setting(k) is not None})
         lines.append(f"At the same settings{f' ({settings})' if settings else ''} and seed {pair['hc'].seed}, "

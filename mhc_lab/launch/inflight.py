@@ -84,7 +84,10 @@ def job_state(record: JobRecord, job: Any = None) -> str:
     if paths.result_pickle.exists():
         return "FINISHED"
     if record.cluster == "local" and job is None:  # a local job of another process: its pid
-        return "RUNNING" if _pid_alive(int(record.job_id)) else "INTERRUPTED"
+        pid = str(record.job_id)
+        if not pid.isdigit() or int(pid) <= 0:  # not a process id (a jobs.json from elsewhere)
+            return "INTERRUPTED"
+        return "RUNNING" if _pid_alive(int(pid)) else "INTERRUPTED"
     state = (job if job is not None else job_handle(record)).state
     return str(state).split()[0].upper()  # e.g. "CANCELLED by 1234" -> CANCELLED
 

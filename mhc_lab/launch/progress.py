@@ -56,7 +56,7 @@ class RichReporter:
 
     def run_event(self, run: PlannedRun, event: dict) -> None:
         if event["event"] == "note":  # e.g. "resuming <run> from step N"
-            self.progress.console.print(f"  {event['line']}", highlight=False, soft_wrap=True)
+            self.progress.console.print(f"  {event['line']}", markup=False, highlight=False, soft_wrap=True)
             return
         if event["event"] == "probe":
             self.gains[run.run_id] = event["peak"]
@@ -103,7 +103,7 @@ class PlainReporter:
 
     def run_event(self, run: PlannedRun, event: dict) -> None:
         if event["event"] == "note":  # e.g. "resuming <run> from step N"
-            self.console.print(f"  {event['line']}", highlight=False, soft_wrap=True)
+            self.console.print(f"  {event['line']}", markup=False, highlight=False, soft_wrap=True)
             return
         if event["event"] == "probe":
             self.gains[run.run_id] = event["peak"]
