@@ -306,7 +306,8 @@ def schema(
     else:
         from .store import atomic_write_text
 
-        atomic_write_text(out, text)
+        with one_line_errors():
+            atomic_write_text(out, text)
         console.print(f"wrote {out}")
 
 

@@ -214,5 +214,5 @@ def lock_folder(out: Path, name: str) -> Iterator[int]:
         raise StoreError(f"{out}: cannot create the results folder: {exc.strerror}") from None
     if (out / name).exists() and not (out / name).is_dir():
         raise StoreError(f"{out / name}: exists and is not a folder; choose another --out or name")
-    with exclusive_lock(out / f".{name}.lock", out / name) as fd:
+    with exclusive_lock(out / f".{name}.lock", out / name, tries=5) as fd:  # `--dry-run` may probe it
         yield fd

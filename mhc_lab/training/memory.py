@@ -107,7 +107,10 @@ def memory_problem(runs: Sequence[tuple[str, RunConfig]], device: torch.device, 
     available = machine_memory(device) if available is None else available
     if available is None or not runs:
         return None
-    sized = sorted(((estimate(cfg), rid) for rid, cfg in runs), key=lambda e: -e[0].total)
+    try:
+        sized = sorted(((estimate(cfg), rid) for rid, cfg in runs), key=lambda e: -e[0].total)
+    except Exception:  # noqa: BLE001 - a model that cannot be built on `meta`: the run will say why
+        return None
     largest, run_id = sized[0]
     where = f"than this machine has for {device.type} ({fmt_bytes(available)})"
     if largest.total > available:
