@@ -338,13 +338,14 @@ def _results_view(results: Optional[Path]):
     return load_view(results)
 
 
-def _not_all_drawn(view, failed: list[str]) -> None:
+def _not_all_drawn(views: list, failed: list[str]) -> None:
     """End `plot` and `report` with one line (exit code 1) when damaged runs were left out or
     a figure failed; the rest was drawn and written."""
-    lines = [f"{c.problem} ({c.run_id} left out)" for c in view.damaged] + [f"figure {f}" for f in failed]
-    if view.damaged:
-        then = (f"the rest is drawn; `mhc-lab check {view.store.root} --repair` moves damaged runs aside, "
-                "`mhc-lab run` trains them again")
+    damaged = [(view, c) for view in views for c in view.damaged]
+    lines = [f"{c.problem} ({c.run_id} left out)" for _, c in damaged] + [f"figure {f}" for f in failed]
+    if damaged:
+        then = (f"the rest is drawn; `mhc-lab check {damaged[0][0].store.root} --repair` moves damaged runs "
+                "aside, `mhc-lab run` trains them again")
     else:
         then = "the other figures were drawn"
     _problems(lines, "problems", then)
@@ -354,39 +355,89 @@ def _say(line: str) -> None:
     console.print(line, style="dim" if line.startswith("skipped") else None, highlight=False, soft_wrap=True)
 
 
+COMPARE_HELP = " Several folders are compared, into --out."
+OUT_NEEDED = "comparing several folders needs --out DIR: where the comparison goes (no folder is its home)"
+
+
 @app.command()
 def plot(
-    results: Annotated[Optional[Path], typer.Argument(help=RESULTS_HELP, show_default=False)] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Write the figures here instead of RESULTS/figures.")] = None,
+    results: Annotated[
+        Optional[list[Path]], typer.Argument(help=RESULTS_HELP + COMPARE_HELP, show_default=False)
+    ] = None,
+    out: Annotated[
+        Optional[Path], typer.Option(help="Write the figures here instead of RESULTS/figures; required with several folders.")
+    ] = None,
     format_: Annotated[FigureFormat, typer.Option("--format", help="Image format.")] = FigureFormat.png,
 ) -> None:
-    """Draw the paper's figures from a results folder (reads the results, never trains).
+    """Draw the paper's figures from a results folder, or overlay several folders' runs
+    (reads the results, never trains).
 
     Example: mhc-lab plot results/smoke --format svg
+
+    Example: mhc-lab plot results/divergence results/divergence-native --out comparison
     """
+    if results and len(results) > 1:
+        from .analysis.compare import open_comparison
+        from .analysis.plots.compare import plot_comparison
+
+        with one_line_errors():
+            if out is None:
+                raise MhcLabError(OUT_NEEDED)
+            comp = open_comparison(results)
+            result = plot_comparison(comp.views, comp.labels, out, format_.value, on_event=_say)
+        console.print(f"{len(result.written)} comparison figures written, {len(result.skipped)} skipped ({out})",
+                      highlight=False, soft_wrap=True)
+        _not_all_drawn(comp.views, result.failed)
+        return
     from .analysis.plots import plot_experiment
 
     with one_line_errors():
-        view = _results_view(results)
+        view = _results_view(results[0] if results else None)
         result = plot_experiment(view, out, format_.value, on_event=_say)
     failed = f", {len(result.failed)} failed" if result.failed else ""
     console.print(f"{len(result.written)} figures written, {len(result.skipped)} skipped{failed} ({view.store.root})",
                   highlight=False, soft_wrap=True)
-    _not_all_drawn(view, result.failed)
+    _not_all_drawn([view], result.failed)
 
 
 @app.command()
 def report(
-    results: Annotated[Optional[Path], typer.Argument(help=RESULTS_HELP, show_default=False)] = None,
+    results: Annotated[
+        Optional[list[Path]], typer.Argument(help=RESULTS_HELP + COMPARE_HELP, show_default=False)
+    ] = None,
+    out: Annotated[
+        Optional[Path],
+        typer.Option(help="Several folders: write OUT/REPORT.md and OUT/figures/ (required with several; "
+                     "one folder's report is always RESULTS/REPORT.md)."),
+    ] = None,
 ) -> None:
-    """Write RESULTS/REPORT.md: experiment, environment, runs, gains against the paper, figures.
+    """Write RESULTS/REPORT.md: experiment, environment, runs, gains against the paper, figures;
+    with several folders, one comparison of the runs they share.
 
     Example: mhc-lab report results/smoke
+
+    Example: mhc-lab report results/divergence results/divergence-native --out comparison
     """
+    if results and len(results) > 1:
+        from .analysis.compare import open_comparison, write_comparison_report
+
+        with one_line_errors():
+            if out is None:
+                raise MhcLabError(OUT_NEEDED)
+            comp = open_comparison(results)
+            written = write_comparison_report(comp, out)
+        console.print(written.table.rich())
+        for line in written.reading:
+            console.print(f"- {line}", highlight=False)
+        console.print(f"wrote {written.path} ({len(written.figures.written)} figures)", highlight=False, soft_wrap=True)
+        _not_all_drawn(comp.views, written.figures.failed)
+        return
     from .analysis.report import write_report
 
     with one_line_errors():
-        view = _results_view(results)
+        if out is not None:
+            raise MhcLabError("--out is for comparing several folders; one folder's report is RESULTS/REPORT.md")
+        view = _results_view(results[0] if results else None)
         result = write_report(view)
     for table in result.tables:
         console.print(table.rich())
@@ -396,7 +447,7 @@ def report(
     failed = f", {len(result.figures.failed)} failed" if result.figures.failed else ""
     console.print(f"wrote {result.path} ({len(result.figures.written)} figures{skipped}{failed})",
                   highlight=False, soft_wrap=True)
-    _not_all_drawn(view, result.figures.failed)
+    _not_all_drawn([view], result.figures.failed)
 
 
 # bench: training-step time of residual, HC and mHC (logic in mhc_lab/bench.py)

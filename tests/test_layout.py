@@ -13,11 +13,12 @@ LAYOUT = (ROOT / "docs" / "architecture.md").read_text()
 LOWER = {
     "cli": {"experiment", "nn", "probe", "training", "store", "launch", "analysis", "bench", "errors"},
     "bench": {"experiment", "nn", "errors"},
+    "results": {"analysis", "errors"},
     "analysis": {"experiment", "probe", "store", "errors"},
     "launch": {"experiment", "training", "store", "errors"},
     "training": {"experiment", "nn", "probe", "store", "errors"},
     "store": {"errors"},
-    "probe": set(),
+    "probe": set(),  # pure functions of H_res and of what the model hands over
     "nn": {"experiment"},
     "experiment": {"errors"},
     "errors": set(),

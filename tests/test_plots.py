@@ -49,7 +49,7 @@ def test_every_figure_of_the_sweep_is_a_valid_image(sweep, plotted):
         assert_png(path)
         assert str(path) in plotted.output.replace("\n", "")
     assert "skipped sweep_heatmap" in plotted.output  # depth is the only numeric axis
-    assert "6 figures written, 1 skipped" in plotted.output
+    assert "7 figures written, 1 skipped" in plotted.output  # constraint_health too
 
 
 def test_the_sweep_axes_and_groups_come_from_the_resolved_configs(sweep):

@@ -36,6 +36,7 @@ from ..experiment.sweep import PlannedRun
 from ..store import (
     ExperimentStore, RunCheck, StoreError, atomic_write_text, check_store, exclusive_lock, move_aside, unwritable,
 )
+from ..training.loggers import require_installed
 from ..training.runner import plan_sweep
 from .inflight import live_job_runs, read_jobs
 
@@ -132,6 +133,7 @@ def open_store(exp: Experiment, out: Path, fresh: bool = False) -> Iterator[Expe
     description): the new runs join the old."""
     out = Path(out)
     store = ExperimentStore(out / exp.config.name)
+    require_installed(exp.config.logging)  # an enabled W&B / TensorBoard must be there first
     with lock_folder(out, exp.config.name) as lock_fd:
         store.lock_fd = lock_fd
         if fresh and store.root.exists():

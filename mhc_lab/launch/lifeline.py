@@ -28,9 +28,13 @@ import signal
 import sys
 import threading
 import time
+from typing import Optional
 
 POLL_S = 0.25  # how often a child checks that its parent is still there
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+_parent: Optional[int] = None  # the parent this process dies with, once die_with_parent ran
 
 
 def die_with_parent(parent_pid: int, kernel_signal: bool = False) -> None:
@@ -38,6 +42,8 @@ def die_with_parent(parent_pid: int, kernel_signal: bool = False) -> None:
 
     `kernel_signal`: also ask Linux for PR_SET_PDEATHSIG (see the module docstring for when
     that is safe)."""
+    global _parent
+    _parent = parent_pid
     if kernel_signal and sys.platform.startswith("linux"):
         try:
             ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
@@ -53,6 +59,19 @@ def _watch(parent_pid: int) -> None:
         time.sleep(POLL_S)
         if os.getppid() != parent_pid:
             _die()
+
+
+def orphaned() -> bool:
+    """Whether this process's parent, the one it dies with, is gone (the watching thread may
+    not have noticed yet). A rank whose peer died with torchrun asks this before it records
+    the run as failed: the failure is the kill's, not the run's."""
+    return _parent is not None and os.getppid() != _parent
+
+
+def die_if_orphaned() -> None:
+    """End this process now if its parent is gone (see `orphaned`)."""
+    if orphaned():
+        _die()
 
 
 def _die() -> None:

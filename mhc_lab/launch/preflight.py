@@ -5,7 +5,8 @@
 - `refusals`: everything the real run would refuse, one line each: a results folder holding
   another version of the experiment, a folder another `mhc-lab run` is using, a folder that
   cannot be written while runs are left to train, a missing optional dependency (submitit for
-  the submitit kinds), a run whose memory estimate exceeds the machine's (training/memory.py);
+  the submitit kinds, an enabled logging backend's package), a run whose memory estimate
+  exceeds the machine's (training/memory.py);
 - `notes`: what the run will do to what is there already: damaged runs moved aside and
   trained again, interrupted runs resumed;
 - `statuses`: each run's status, for the dry-run table.
@@ -22,6 +23,7 @@ from pathlib import Path
 from ..errors import MhcLabError
 from ..experiment.loader import Experiment
 from ..store import IN_USE, ExperimentStore, StoreError, is_locked
+from ..training.loggers import require_installed
 from ..training.memory import memory_problem
 from ..training.runner import DONE, run_status
 from ..training.trainer import pick_device
@@ -72,6 +74,10 @@ def preflight(exp: Experiment, out: Path, fresh: bool = False) -> Preflight:
             submitit_module()
         except MhcLabError as exc:
             result.refusals.append(exc)
+    try:
+        require_installed(exp.config.logging)  # W&B, TensorBoard when enabled
+    except MhcLabError as exc:
+        result.refusals.append(exc)
     if launcher.kind == "local" and todo:
         device = pick_device(todo[0].config.train.device)
         problem = memory_problem([(r.run_id, r.config) for r in todo], device, launcher.workers)

@@ -72,7 +72,7 @@ class RichReporter:
         if task is not None:
             self.progress.remove_task(task)
         self.progress.advance(self.sweep_task)
-        self.progress.console.print(_finished_line(summary))
+        self.progress.console.print(_finished_line(summary), markup=False, highlight=False)  # a reason may hold [..]
 
     def close(self) -> None:
         self.progress.stop()
@@ -120,7 +120,7 @@ class PlainReporter:
         self.done += 1
         self.last.pop(run.run_id, None)
         self.gains.pop(run.run_id, None)
-        self.console.print(_finished_line(summary))
+        self.console.print(_finished_line(summary), markup=False, highlight=False)  # a reason may hold [..]
 
     def close(self) -> None:
         pass

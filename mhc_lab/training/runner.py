@@ -21,6 +21,7 @@ import yaml
 from ..experiment.loader import Experiment
 from ..experiment.sweep import PlannedRun
 from ..store import DamagedResults, ExperimentStore, RunFiles, atomic_write_text, exclusive_lock, is_locked, record
+from .loggers import open_logger
 from .trainer import config_columns, train_run
 
 DONE = ("completed", "diverged")
@@ -59,18 +60,22 @@ def execute_run(
 ) -> dict:
     """Train one run into `files` with `train` (trainer.train_run, or the data-parallel trainer
     of launch/torchrun.py), holding the run's lock; an exception becomes status `failed` with
-    its message. The summary records what the run wrote (its `integrity`)."""
+    its message. The summary records what the run wrote (its `integrity`). The experiment's
+    `logging` backends (training/loggers/) mirror the run live, in this process only (rank 0
+    under torchrun); a backend's failure never fails the run."""
     files.root.mkdir(parents=True, exist_ok=True)
     busy = "another process is training this run right now (mhc-lab ls shows it)"
     with exclusive_lock(files.lock, files.root, busy, tries=20):  # `ls` may probe it for an instant
         for leftover in files.root.glob(".*.tmp"):  # atomic writes of a killed process
             leftover.unlink(missing_ok=True)
-        atomic_write_text(files.config, yaml.safe_dump(run.config.model_dump(mode="json"), sort_keys=False))
+        config = run.config.model_dump(mode="json")
+        atomic_write_text(files.config, yaml.safe_dump(config, sort_keys=False))
         if not (files.checkpoint.exists() or files.previous_checkpoint.exists()):  # nothing to resume
             for stale in (files.metrics, files.probes, files.error, files.hres):
                 stale.unlink(missing_ok=True)
+        logger = open_logger(exp.config.logging, exp.config.name, run.run_id, config, run.config.model.connection, files)
         try:
-            summary = train(run.config, files, exp.base_dir, progress)
+            summary = train(run.config, files, exp.base_dir, progress, logger=logger)
         except Exception as exc:  # a run that raises is a result too: recorded, sweep goes on
             atomic_write_text(files.error, traceback.format_exc())
             summary = {
@@ -78,10 +83,14 @@ def execute_run(
                 "status": "failed",
                 "reason": f"{type(exc).__name__}: {exc}".splitlines()[0],
             }
+        except BaseException:  # interrupted: the checkpoint stays, and so does the W&B run
+            logger.finish(None)
+            raise
         summary["overrides"] = run.overrides
         summary["integrity"] = record(files)
         files.write_summary(summary)
         if summary["status"] in DONE:
             for checkpoint in (files.checkpoint, files.previous_checkpoint, files.unreadable_checkpoint):
                 checkpoint.unlink(missing_ok=True)
+        logger.finish({k: v for k, v in summary.items() if k != "integrity"})
     return summary

@@ -31,8 +31,10 @@ import torch
 from .. import __version__
 from ..experiment.config import RunConfig
 from .data import Corpus, load_corpus, probe_sequence, training_batch, validation_batches
+from ..probe.constraint import constraint_statistics, hres_statistics
 from ..probe.gain import gain_metrics
 from ..nn.model import LanguageModel, build_model
+from .loggers import MetricLogger
 from .schedule import learning_rate
 from ..store import JsonlWriter, RunFiles, atomic_write_bytes, truncate_jsonl
 
@@ -147,21 +149,6 @@ class RunState:
     last_val_loss: float = float("nan")
 
 
-def hres_statistics(hres: torch.Tensor) -> dict:
-    """Per layer: mean Frobenius distance of H_res from I, and worst |row/column sum - 1|.
-
-    A flat mHC gain of 1 can hide an H_res that never left the identity (DESIGN.md section
-    4); `identity_dist` shows whether it moved, the sum errors how far Sinkhorn is from exact.
-    """
-    h = hres.detach().to(torch.float64)  # (L, T, n, n)
-    eye = torch.eye(h.shape[-1], dtype=h.dtype)
-    return {
-        "identity_dist": torch.linalg.matrix_norm(h - eye).mean(dim=1).tolist(),
-        "row_sum_err": (h.sum(-1) - 1).abs().amax(dim=(1, 2)).tolist(),
-        "col_sum_err": (h.sum(-2) - 1).abs().amax(dim=(1, 2)).tolist(),
-    }
-
-
 def signal_growth(stream_rms: torch.Tensor) -> float:
     """Largest RMS of the hidden state over the layers, relative to the embedding's (layer 0's
     input): how far the residual signal itself grew. Residual: the sum of L sublayer outputs;
@@ -178,10 +165,12 @@ class Trainer:
         files: RunFiles,
         base_dir: Optional[Path] = None,
         progress: Optional[ProgressCallback] = None,
+        logger: Optional[MetricLogger] = None,
     ) -> None:
         self.cfg = cfg
         self.files = files
         self.progress = progress or _print_note
+        self.logger = logger or MetricLogger()  # live logging (W&B, TensorBoard): loggers/
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.device = pick_device(cfg.train.device)
@@ -199,6 +188,7 @@ class Trainer:
         ]
         self.state = RunState()
         self.last_probe: tuple[int, torch.Tensor] = (0, torch.empty(0))
+        self.last_headline: dict = {}  # the last probe's headline: the run's final gains
         self.resumed_from: Optional[bytes] = None  # the checkpoint this run resumed from
 
     def note(self, line: str) -> None:
@@ -281,17 +271,21 @@ class Trainer:
         self.model.eval()
         with self._autocast():
             val_loss = sum(self.model(x, y)[1].item() for x, y in self.val) / len(self.val)
-            hres, streams = self.model.probe(self.probe_x)  # (L, T, n, n), (L + 1,)
+            capture = self.model.probe(self.probe_x)
+        hres, streams = capture.hres, capture.stream_rms  # (L, T, n, n), (L + 1,)
         self.model.train()
         signal = signal_growth(streams)
         hres = hres.float().cpu()
         metrics = gain_metrics(hres)
         self.state.peak.update(step, metrics["headline"], hres, signal)
         self.last_probe = (step, hres)
+        self.last_headline = metrics["headline"]
         self.state.last_val_loss = val_loss
-        record = {"step": step, "val_loss": val_loss, **metrics, "hres": hres_statistics(hres),
+        constraint = {**hres_statistics(hres), **constraint_statistics(capture.diagnostics)}
+        record = {"step": step, "val_loss": val_loss, **metrics, "hres": constraint,
                   "stream_rms": streams.tolist(), "signal_growth": signal}
         writer.write(record)
+        self.logger.log_probe(record)
         return record
 
     def train_step(self, step: int) -> tuple[float, float, float]:
@@ -345,6 +339,7 @@ class Trainer:
     def run(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         self.load_checkpoint()
+        self.logger.start(self.state.step)
         metrics = self.open_log(self.files.metrics)
         probes = self.open_log(self.files.probes)
         status, reason, diverged_step = "completed", None, None
@@ -371,11 +366,13 @@ class Trainer:
                 self.state.last_loss = loss
                 reason = self.divergence(loss, grad_norm)
                 if step % t.log_every == 0 or step == t.steps - 1 or reason is not None:
-                    metrics.write({
+                    line = {
                         "step": step, "loss": loss, "grad_norm": grad_norm,
                         "lr": learning_rate(t, step),
                         "tokens_per_s": t.batch_size * t.seq_len / max(seconds, 1e-9),
-                    })
+                    }
+                    metrics.write(line)
+                    self.logger.log_step(line)
                 self.progress({"event": "step", "step": step, "loss": loss, "grad_norm": grad_norm})
                 if reason is not None:
                     status, diverged_step = "diverged", step
@@ -410,6 +407,8 @@ class Trainer:
             "max_gain_layer": peak.layer,
             "max_gain_fwd_inf": peak.fwd_inf,
             "max_gain_bwd_inf": peak.bwd_inf,
+            "final_gain_fwd": self.last_headline.get("max_gain_fwd", float("nan")),
+            "final_gain_bwd": self.last_headline.get("max_gain_bwd", float("nan")),
             "max_signal_growth": peak.signal,
             "diverged_step": diverged_step,
             "reason": reason,
@@ -430,6 +429,7 @@ def config_columns(run_id: str, cfg: RunConfig) -> dict:
         "d_model": m.d_model,
         "n_streams": m.n_streams,
         "sinkhorn_iters": m.sinkhorn_iters if m.connection == "mhc" else None,
+        "sinkhorn_tol": m.sinkhorn_tol if m.connection == "mhc" else None,
         "lr": cfg.train.lr,
         "seed": cfg.seed,
     }
@@ -440,8 +440,10 @@ def train_run(
     files: RunFiles,
     base_dir: Optional[Path] = None,
     progress: Optional[ProgressCallback] = None,
+    logger: Optional[MetricLogger] = None,
 ) -> dict:
-    """Train one run into `files` and return its summary (status completed or diverged)."""
-    return Trainer(cfg, files, base_dir, progress).run()
+    """Train one run into `files` and return its summary (status completed or diverged);
+    `logger` mirrors its metrics and probes live (W&B, TensorBoard)."""
+    return Trainer(cfg, files, base_dir, progress, logger).run()
 
 

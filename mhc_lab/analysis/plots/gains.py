@@ -16,7 +16,7 @@ from matplotlib.lines import Line2D
 from ...store import as_float
 from ..view import DEPTH, ExperimentView, RunView, axis_name, describe, group_runs
 from .style import (
-    COLORS, DIRECTION_KEYS, DIRECTION_STYLE, GAIN_LABEL, LINESTYLES, NAMES, Curve, Skip, aggregate,
+    COLORS, DIRECTION_KEYS, DIRECTION_STYLE, GAIN_LABEL, LINESTYLES, MIXING, NAMES, Curve, Skip, aggregate,
     by_connection, draw_band, facet_grid, finish, fmt_count, fmt_tick, gain_axis, hide, mark_state,
     new_figure, overflow_key, representative_note, representative_runs, run_state, runs_in, seed_note,
     state_keys, state_note, step_axes, unique,
@@ -116,7 +116,7 @@ def fig_gain_vs_scale(view: ExperimentView) -> list[tuple[str, Figure]]:
         states += draw_scale_panel(ax, view, panel)
     far = [note for j, ax in enumerate(axes[0])
            for note in gain_axis(ax, "peak " + GAIN_LABEL if j == 0 else None, view.connections)]
-    lines = [Line2D([], [], color=COLORS[c], linewidth=2, marker=SCALE_MARKERS[c], markersize=SCALE_SIZES[c] * 0.7,
+    lines = [Line2D([], [], color=COLORS[c], linewidth=2, marker=SCALE_MARKERS.get(c, "o"), markersize=SCALE_SIZES.get(c, 6.0) * 0.7,
                     markerfacecolor="none", label=NAMES[c]) for c in view.connections]
     finish(fig, view, "peak gain against the swept settings",
            [seed_note(view), "markers nest where connections coincide", *unique(far)], (),
@@ -126,8 +126,8 @@ def fig_gain_vs_scale(view: ExperimentView) -> list[tuple[str, Figure]]:
 
 # Each connection its own hollow marker and size, so a line hidden under another (HC's gain of
 # 1 under residual and mHC in a short sweep) still shows as a ring around or inside theirs.
-SCALE_MARKERS = {"hc": "o", "mhc": "s", "residual": "D"}
-SCALE_SIZES = {"hc": 10.0, "mhc": 7.0, "residual": 4.0}
+SCALE_MARKERS = {"hc": "o", "mhc_lite": "^", "kromhc": "h", "mhc": "s", "ortho": "p", "residual": "D"}
+SCALE_SIZES = {"hc": 11.0, "mhc_lite": 9.5, "kromhc": 8.5, "mhc": 7.0, "ortho": 6.0, "residual": 4.0}
 
 
 def draw_scale_panel(ax: Axes, view: ExperimentView, panel: ScalePanel) -> list[str]:
@@ -142,7 +142,7 @@ def draw_scale_panel(ax: Axes, view: ExperimentView, panel: ScalePanel) -> list[
         index = combos.index(tuple(values))
         band = aggregate([(np.array([panel.x(r)]), np.array([r.peak_gain])) for r in group])
         draw_band(ax, band, conn, LINESTYLES[index % len(LINESTYLES)], marker="")
-        ax.plot(band.x, band.mean, linestyle="", marker=SCALE_MARKERS[conn], markersize=SCALE_SIZES[conn],
+        ax.plot(band.x, band.mean, linestyle="", marker=SCALE_MARKERS.get(conn, "o"), markersize=SCALE_SIZES.get(conn, 6.0),
                 markerfacecolor="none", markeredgecolor=COLORS[conn], markeredgewidth=1.3, zorder=4)
     states = [state for r in runs if (state := mark_state(ax, r, panel.x(r), r.peak_gain))]
     if len(combos) > 1:
@@ -202,7 +202,7 @@ def fig_gain_by_layer(view: ExperimentView) -> list[tuple[str, Figure]]:
 
 
 def fig_signal_by_layer(view: ExperimentView) -> list[tuple[str, Figure]]:
-    chosen = representative_runs(view, ("hc", "mhc", "residual"))
+    chosen = representative_runs(view, (*MIXING, "residual"))
     measured = {c: [p for p in r.probes if "stream_rms" in p] for c, r in chosen.items()}
     measured = {c: probes for c, probes in measured.items() if probes}
     if not measured:
