@@ -368,11 +368,19 @@ def plot(
         Optional[Path], typer.Option(help="Write the figures here instead of RESULTS/figures; required with several folders.")
     ] = None,
     format_: Annotated[FigureFormat, typer.Option("--format", help="Image format.")] = FigureFormat.png,
+    smooth: Annotated[
+        Optional[int],
+        typer.Option(min=0, help="Moving average of the loss and gradient-norm curves over this many logged "
+                     "steps, the raw curves faint; 0 = raw only. Default: automatic (runs of 500+ logged "
+                     "steps get a fiftieth of their length).", show_default=False),
+    ] = None,
 ) -> None:
     """Draw the paper's figures from a results folder, or overlay several folders' runs
     (reads the results, never trains).
 
     Example: mhc-lab plot results/smoke --format svg
+
+    Example: mhc-lab plot results/growth --smooth 50
 
     Example: mhc-lab plot results/divergence results/divergence-native --out comparison
     """
@@ -393,7 +401,7 @@ def plot(
 
     with one_line_errors():
         view = _results_view(results[0] if results else None)
-        result = plot_experiment(view, out, format_.value, on_event=_say)
+        result = plot_experiment(view, out, format_.value, on_event=_say, smooth=smooth)
     failed = f", {len(result.failed)} failed" if result.failed else ""
     console.print(f"{len(result.written)} figures written, {len(result.skipped)} skipped{failed} ({view.store.root})",
                   highlight=False, soft_wrap=True)

@@ -30,7 +30,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..errors import MhcLabError
-from ..store import SUMMARY_COLUMNS, as_float
+from ..store import SUMMARY_COLUMNS
 from .view import ExperimentView, RunView, load_view
 
 TEXT_COLUMNS = {"run_id", "connection", "status", "reason"}

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
