@@ -230,8 +230,8 @@ GROWTH_DEFINITION = (
     "For every run whose composite gain (the larger of forward and backward, token mean) passed "
     "the paper's 3000 at a probe: the first probe step above 3000, the share of the probes from "
     "the end of warmup on that stayed above it, the peak and where it fell in the learning-rate "
-    "schedule, and the growth rate of log10(gain) per 100 steps from step 0 to the peak "
-    "(least-squares fit over the probes)."
+    "schedule, and the growth rate of log10(gain) per 100 steps up to the peak, from step 0 and "
+    "from the end of warmup (least-squares fits over the probes)."
 )
 
 
@@ -239,12 +239,14 @@ def growth_table(view: ExperimentView) -> TableData:
     """When and for how long each run's gain stayed past 3000 (derived.py)."""
     table = TableData(f"{view.name}: gain past 3000 over training", [
         "run", "connection", "first step > 3000", "share of probes > 3000 after warmup", "peak gain",
-        "peak step", "in the schedule", "log10 gain / 100 steps to the peak"], text_columns=2)
+        "peak step", "in the schedule", "log10 gain / 100 steps to the peak: from 0", "from warmup's end"],
+        text_columns=2)
     for row in growth_rows(view):
         table.rows.append([
             row.run.run_id, row.run.connection, str(row.first_above), f"{row.share_above:.0%}",
             fmt_number(row.peak_gain), str(row.peak_step), schedule_phase(row.peak_step, row.warmup, row.steps),
             "-" if math.isnan(row.slope) else f"{100 * row.slope:.2f}",
+            "-" if math.isnan(row.slope_after_warmup) else f"{100 * row.slope_after_warmup:.2f}",
         ])
     return table
 
