@@ -1,4 +1,6 @@
-"""Fused CPU kernels for the stream mixing, compiled from `kernels.c` at first use.
+"""Fused CPU kernels for the stream mixing, compiled from `kernels.c` at first use (with
+`kernels_impl.h`, the kernels for one float type, and `vmath.h`, exp, log, tanh and sigmoid
+written so that the loops calling them vectorise).
 
 Legend: M = tokens, n = residual streams, C = d_model, P = n + 1.
 
@@ -41,13 +43,13 @@ from typing import Optional
 import torch
 
 SOURCE = Path(__file__).with_name("kernels.c")
-SOURCES = (SOURCE, SOURCE.with_name("kernels_impl.h"))  # what the build hashes
+SOURCES = (SOURCE, SOURCE.with_name("kernels_impl.h"), SOURCE.with_name("vmath.h"))  # what the build hashes
 MAX_STREAMS = 8  # kernels.c: MAX_N
 FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c11"]
 _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 _KERNELS = (
     "mhc_read_forward", "mhc_read_backward", "mhc_write_backward",
-    "mhc_hc_forward", "mhc_hc_backward", "mhc_mhc_forward", "mhc_mhc_backward",
+    "mhc_hc_forward", "mhc_hc_backward", "mhc_mhc_forward", "mhc_mhc_backward", "mhc_vmath",
 )
 
 _library: Optional[ctypes.CDLL] = None
@@ -130,6 +132,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"mhc_write_backward_{suffix}").argtypes = [p, p, p, p, p, i64, i64, i64, i32]
         getattr(lib, f"mhc_sinkhorn_forward_{suffix}").argtypes = [p, p, i64, i64, i64, i32]
         getattr(lib, f"mhc_sinkhorn_backward_{suffix}").argtypes = [p, p, p, i64, i64, i64, i32]
+        getattr(lib, f"mhc_vmath_{suffix}").argtypes = [i32, p, p, i64]
         for name in _KERNELS:
             getattr(lib, f"{name}_{suffix}").restype = None
         getattr(lib, f"mhc_sinkhorn_forward_{suffix}").restype = i32
@@ -242,6 +245,18 @@ def write_backward(
     fn(grad.data_ptr(), layer_out.data_ptr(), h_post.data_ptr(), _ptr(grad_out), _ptr(grad_post),
        m, n, c, torch.get_num_threads())
     return grad_post, grad_out
+
+
+VMATH = ("exp", "log", "tanh", "sigmoid")  # vmath.h, in the order of its `which`
+
+
+def vmath(name: str, x: torch.Tensor) -> torch.Tensor:
+    """vmath.h's elementwise `name` (exp, log, tanh or sigmoid), as the kernels compute it, of
+    a contiguous float32/float64 CPU tensor (for the tests)."""
+    out = torch.empty_like(x)
+    fn = _kernel("mhc_vmath", {"x": (x, tuple(x.shape))})
+    fn(VMATH.index(name), x.data_ptr(), out.data_ptr(), x.numel())
+    return out
 
 
 def sinkhorn_forward(logits: torch.Tensor, iters: int) -> torch.Tensor:

@@ -327,7 +327,7 @@ INLINE void CAT(hc_forward_token, SUF)(const T *restrict x, const T *restrict Wt
                                        const int64_t n, const int64_t C)
 {
     const int64_t K = n + 2;
-    T R[(MAX_N + 1) * MAX_N];
+    T R[(MAX_N + 1) * MAX_N], t[MAX_N * (MAX_N + 2)];
     for (int64_t i = 0; i < n; i++) {
         const T *restrict xi = x + i * C;
         T ss = 0;
@@ -337,15 +337,16 @@ INLINE void CAT(hc_forward_token, SUF)(const T *restrict x, const T *restrict Wt
         T raw[MAX_N + 2];
         CAT(dot_rows, SUF)(xi, Wt, K, C, raw);
         inv_out[i] = inv;
-        for (int64_t k = 0; k < K; k++) {
-            const T p = raw[k] * inv;
-            const T t = use_tanh ? TANH(p) : p;
-            p_out[i * K + k] = p;
-            if (k <= n)
-                R[k * n + i] = A[i * (n + 1) + k] + s_a * t;
-            else
-                h_post[i] = Bv[i] + s_b * t;
-        }
+        for (int64_t k = 0; k < K; k++) p_out[i * K + k] = raw[k] * inv;
+    }
+    /* the token's n (n + 2) tanh in one vectorised loop */
+    if (use_tanh)
+        for (int64_t q = 0; q < n * K; q++) t[q] = TANH(p_out[q]);
+    else
+        for (int64_t q = 0; q < n * K; q++) t[q] = p_out[q];
+    for (int64_t i = 0; i < n; i++) {
+        for (int64_t k = 0; k <= n; k++) R[k * n + i] = A[i * (n + 1) + k] + s_a * t[i * K + k];
+        h_post[i] = Bv[i] + s_b * t[i * K + n + 1];
     }
     for (int64_t i = 0; i < n; i++)
         for (int64_t j = 0; j < n; j++) h_res[i * n + j] = R[(1 + i) * n + j];
@@ -394,11 +395,16 @@ INLINE void CAT(hc_backward_token, SUF)(const T *restrict x, const T *restrict W
     for (int64_t q = 0; q <= n; q++) CAT(dot_rows, SUF)(gy[q], x, n, C, dR + q * n);
     if (g_hres)
         for (int64_t k = 0; k < n * n; k++) dR[n + k] += g_hres[k];
+    T tt[MAX_N * (MAX_N + 2)]; /* tanh(p), recomputed in one vectorised loop */
+    if (use_tanh)
+        for (int64_t q = 0; q < n * K; q++) tt[q] = TANH(p[q]);
+    else
+        for (int64_t q = 0; q < n * K; q++) tt[q] = p[q];
     for (int64_t i = 0; i < n; i++) {
         T sdp = 0;
         for (int64_t k = 0; k < K; k++) {
             const T pk = p[i * K + k];
-            const T t = use_tanh ? TANH(pk) : pk;
+            const T t = tt[i * K + k];
             T dt;
             if (k <= n) {
                 R[k * n + i] = A[i * (n + 1) + k] + s_a * t;
@@ -461,17 +467,34 @@ void CAT(mhc_hc_backward, SUF)(const T *restrict x, const T *restrict Wt, const 
  * Tokens go in blocks of SK_BLOCK: norms and gates per token, Sinkhorn-Knopp over the block
  * (vectorised over tokens), the read per token while the block's streams are in cache. */
 
-INLINE T CAT(sigmoid, SUF)(const T a) { return 1 / (1 + EXP(-a)); }
-
-/* Per-thread scratch of the mHC kernels: Sinkhorn's (h, lp[, trace]) and two (n + 1) x n
- * matrices per token of a block (R and its gradient). */
+/* Per-thread scratch of the mHC kernels: Sinkhorn's (h, lp[, trace]), two (n + 1) x n
+ * matrices per token of a block (R and its gradient) and the block's 2n gates (entry-major). */
 static T *CAT(mhc_scratch, SUF)(int64_t n, int64_t iters, int with_trace)
 {
     const size_t sk = (size_t)(n * n * SK_BLOCK) * (2 + (with_trace ? 2 * (size_t)iters : 0));
-    T *buf = malloc(sizeof(T) * (sk + 2 * (size_t)((n + 1) * n * SK_BLOCK)));
+    T *buf = malloc(sizeof(T) * (sk + (size_t)((2 * (n + 1) * n + 2 * n) * SK_BLOCK)));
     if (buf)
         for (size_t k = 0; k < sk; k++) buf[k] = 1; /* finite lanes past a partial block */
     return buf;
+}
+
+/* The block's gates sigmoid(logits[0, 2n)) into ge (2n, SK_BLOCK) and, for iters = 0,
+ * H_res = exp(logits[2n, K)) into h (n * n, SK_BLOCK): entry-major, so that the exp run
+ * vectorised over tokens. z: the block's rows of logits (M, K). */
+static void CAT(gates_block, SUF)(const T *restrict z, int64_t K, int64_t nb, int64_t n,
+                                  int64_t iters, T *restrict ge, T *restrict h)
+{
+    for (int64_t j = 0; j < 2 * n; j++) {
+        T *restrict g = ge + j * SK_BLOCK;
+        for (int64_t b = 0; b < nb; b++) g[b] = z[b * K + j];
+        for (int64_t b = 0; b < nb; b++) g[b] = SIGMOID(g[b]);
+    }
+    if (iters == 0)
+        for (int64_t k = 0; k < n * n; k++) {
+            T *restrict hk = h + k * SK_BLOCK;
+            for (int64_t b = 0; b < nb; b++) hk[b] = z[b * K + 2 * n + k];
+            for (int64_t b = 0; b < nb; b++) hk[b] = EXP(hk[b]);
+        }
 }
 
 INLINE void CAT(read_forward_block, SUF)(const T *restrict x, const T *restrict R,
@@ -498,6 +521,7 @@ int CAT(mhc_mhc_forward, SUF)(const T *restrict x, const T *restrict raw, const 
         T *buf = CAT(mhc_scratch, SUF)(n, iters, 0);
         if (!buf) failed = 1;
         T *hb = buf, *lp = buf + nn * SK_BLOCK, *R = buf + 2 * nn * SK_BLOCK;
+        T *ge = R + 2 * (n + 1) * n * SK_BLOCK;
         _Pragma("omp for schedule(static)")
         for (int64_t blk = 0; blk < blocks; blk++) {
             if (!buf) continue;
@@ -513,17 +537,19 @@ int CAT(mhc_mhc_forward, SUF)(const T *restrict x, const T *restrict raw, const 
                 inv[m] = r;
                 T *lg = logits + m * K;
                 for (int64_t k = 0; k < K; k++) lg[k] = raw[m * K + k] * r + bias[k];
-                for (int64_t j = 0; j < n; j++) R[b * (n + 1) * n + j] = CAT(sigmoid, SUF)(lg[j]);
-                for (int64_t i = 0; i < n; i++) h_post[m * n + i] = 2 * CAT(sigmoid, SUF)(lg[n + i]);
             }
+            CAT(gates_block, SUF)(logits + m0 * K, K, nb, n, iters, ge, hb);
             if (iters > 0)
                 CAT(sinkhorn_block, SUF)(logits + m0 * K + 2 * n, K, nb, n, iters, hb, lp, NULL);
-            for (int64_t b = 0; b < nb; b++)
+            for (int64_t b = 0; b < nb; b++) {
+                for (int64_t j = 0; j < n; j++) R[b * (n + 1) * n + j] = ge[j * SK_BLOCK + b];
+                for (int64_t i = 0; i < n; i++) h_post[(m0 + b) * n + i] = 2 * ge[(n + i) * SK_BLOCK + b];
                 for (int64_t k = 0; k < nn; k++) {
-                    const T h = iters > 0 ? hb[k * SK_BLOCK + b] : EXP(logits[(m0 + b) * K + 2 * n + k]);
+                    const T h = hb[k * SK_BLOCK + b];
                     R[b * (n + 1) * n + n + k] = h;
                     h_res[(m0 + b) * nn + k] = h;
                 }
+            }
 #define BODY(N) CAT(read_forward_block, SUF)(x + m0 * D, R, y_in + m0 * C, y_mix + m0 * D, nb, N, C)
             DISPATCH_N(n, BODY)
 #undef BODY
@@ -583,21 +609,21 @@ int CAT(mhc_mhc_backward, SUF)(const T *restrict x, const T *restrict logits,
         T *buf = CAT(mhc_scratch, SUF)(n, iters, 1);
         if (!buf) failed = 1;
         T *w = buf, *lp = buf + nn * SK_BLOCK, *trace = buf + 2 * nn * SK_BLOCK;
-        T *R = buf + (2 + 2 * iters) * nn * SK_BLOCK, *dR = R + P * SK_BLOCK;
+        T *R = buf + (2 + 2 * iters) * nn * SK_BLOCK, *dR = R + P * SK_BLOCK, *ge = dR + P * SK_BLOCK;
         _Pragma("omp for schedule(static)")
         for (int64_t blk = 0; blk < blocks; blk++) {
             if (!buf) continue;
             const int64_t m0 = blk * SK_BLOCK;
             const int64_t nb = M - m0 < SK_BLOCK ? M - m0 : SK_BLOCK;
-            if (iters > 0) /* recompute H_res and the trace */
+            /* recompute the gates and H_res (w), with Sinkhorn-Knopp's trace */
+            CAT(gates_block, SUF)(logits + m0 * K, K, nb, n, iters, ge, w);
+            if (iters > 0)
                 CAT(sinkhorn_block, SUF)(logits + m0 * K + 2 * n, K, nb, n, iters, w, lp, trace);
             for (int64_t b = 0; b < nb; b++) {
                 const int64_t m = m0 + b;
-                const T *lg = logits + m * K;
                 T *Rb = R + b * P, *dRb = dR + b * P, *dl = dlogits + m * K;
-                for (int64_t j = 0; j < n; j++) Rb[j] = CAT(sigmoid, SUF)(lg[j]);
-                for (int64_t k = 0; k < nn; k++)
-                    Rb[n + k] = iters > 0 ? w[k * SK_BLOCK + b] : EXP(lg[2 * n + k]);
+                for (int64_t j = 0; j < n; j++) Rb[j] = ge[j * SK_BLOCK + b];
+                for (int64_t k = 0; k < nn; k++) Rb[n + k] = w[k * SK_BLOCK + b];
                 CAT(dot_rows, SUF)(g_in + m * C, x + m * D, n, C, dRb);
                 for (int64_t q = 0; q < n; q++)
                     CAT(dot_rows, SUF)(g_mix + m * D + q * C, x + m * D, n, C, dRb + (q + 1) * n);
@@ -606,7 +632,7 @@ int CAT(mhc_mhc_backward, SUF)(const T *restrict x, const T *restrict logits,
                 for (int64_t j = 0; j < n; j++) /* sigmoid' = s (1 - s) */
                     dl[j] = dRb[j] * Rb[j] * (1 - Rb[j]);
                 for (int64_t i = 0; i < n; i++) {
-                    const T s = CAT(sigmoid, SUF)(lg[n + i]);
+                    const T s = ge[(n + i) * SK_BLOCK + b];
                     dl[n + i] = g_post ? g_post[m * n + i] * 2 * s * (1 - s) : 0;
                 }
                 if (iters > 0)
