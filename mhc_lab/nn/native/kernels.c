@@ -61,6 +61,7 @@
 #define EXP_HI 89.0                   /* exp overflows float above 88.72 */
 #define EXP_LO -104.0                 /* and is 0 below -103.97 */
 #define SQRT sqrtf
+#define VL 16                         /* lanes of partial sums: 64 bytes */
 #define ROUNDER 12582912.0        /* 1.5 * 2^23 */
 #include "vmath.h"
 #include "kernels_impl.h"
@@ -75,6 +76,7 @@
 #undef EXP_HI
 #undef EXP_LO
 #undef SQRT
+#undef VL
 #undef ROUNDER
 
 #define T double
@@ -88,6 +90,7 @@
 #define EXP_HI 710.0                      /* exp overflows double above 709.78 */
 #define EXP_LO -746.0                     /* and is 0 below -745.13 */
 #define SQRT sqrt
+#define VL 8
 #define ROUNDER 6755399441055744.0 /* 1.5 * 2^52 */
 #include "vmath.h"
 #include "kernels_impl.h"
