@@ -5,8 +5,9 @@ The stable names for library use (imported on first use, so `import mhc_lab` sta
     from mhc_lab import HyperConnection, ManifoldHyperConnection   # the connection modules
     from mhc_lab import build_model, gain_metrics, load_view        # model, gain metric, results
 
-- connections: `ResidualConnection`, `HyperConnection`, `ManifoldHyperConnection`,
-  `build_connection(model_config, layer_index)`, `sinkhorn_knopp(logits, iters)`;
+- connections: `ResidualConnection`, `HyperConnection`, `ManifoldHyperConnection` and its
+  exact variants `MhcLiteConnection`, `KromhcConnection`, `OrthostochasticConnection`;
+  `build_connection(model_config, layer_index)`, `sinkhorn_knopp(logits, iters, tol)`;
 - the model: `build_model(model_config, max_seq_len, seed)`, `ModelConfig`;
 - the gain metric: `gain_metrics(hres)` and `per_token_gains(hres)` for H_res of shape
   (layers, tokens, n, n);
@@ -27,7 +28,10 @@ _PUBLIC: dict[str, str] = {
     "ResidualConnection": "mhc_lab.nn.connections",
     "HyperConnection": "mhc_lab.nn.connections",
     "ManifoldHyperConnection": "mhc_lab.nn.connections",
-    "build_connection": "mhc_lab.nn.connections",
+    "MhcLiteConnection": "mhc_lab.nn.variants",
+    "KromhcConnection": "mhc_lab.nn.variants",
+    "OrthostochasticConnection": "mhc_lab.nn.variants",
+    "build_connection": "mhc_lab.nn.model",
     "sinkhorn_knopp": "mhc_lab.nn.sinkhorn",
     "build_model": "mhc_lab.nn.model",
     "LanguageModel": "mhc_lab.nn.model",

@@ -35,7 +35,7 @@ def _run_bad(tmp_path: Path, exp: Path, *extra: str):
         ({"model": {"heads": 3}}, ["model", "heads (3) must divide d_model (16)"]),
         ({"model": {"n_streams": 9}}, ["model.n_streams", "less than or equal to 8"]),
         ({"train": {"lr": -0.1}}, ["train.lr", "greater than 0"]),
-        ({"model": {"connection": "hyper"}}, ["model.connection", "'residual', 'hc' or 'mhc'"]),
+        ({"model": {"connection": "hyper"}}, ["model.connection", "'residual', 'hc', 'mhc', 'mhc_lite', 'kromhc' or 'ortho'"]),
         ({"data": {"path": "missing/*.txt"}}, ["data.path", "no file matches"]),
         ({"sweep": {"grid": {"model.depth": []}}}, ["sweep.grid.model.depth", "empty list"]),
         ({"sweep": {"grid": {"model.dept": [1]}}}, ["sweep.grid.model.dept", "did you mean 'depth'"]),

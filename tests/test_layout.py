@@ -17,7 +17,7 @@ LOWER = {
     "launch": {"experiment", "training", "store", "errors"},
     "training": {"experiment", "nn", "probe", "store", "errors"},
     "store": {"errors"},
-    "probe": set(),
+    "probe": set(),  # pure functions of H_res and of what the model hands over
     "nn": {"experiment"},
     "experiment": {"errors"},
     "errors": set(),

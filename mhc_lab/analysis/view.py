@@ -187,7 +187,7 @@ class Stability:
       whatever level it starts from (batch noise alone gives a few tenths).
     - `dead_from`: the first logged step (warmup included) from which the gradient norm is
       exactly 0 at every remaining logged step, at least `DEAD_STEPS` of them; None if the run
-      never froze. Such a network cannot train any more (README: HC's overflowing stream).
+      never froze. Such a network cannot train any more (docs/results.md: HC's overflowing stream).
     """
 
     max_grad_norm: float

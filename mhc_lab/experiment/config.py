@@ -8,13 +8,17 @@ Loading a file and turning errors into one-line messages lives in `loader.py`.
 from __future__ import annotations
 
 import glob
+import math
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Connection = Literal["residual", "hc", "mhc"]
-CONNECTIONS: tuple[str, ...] = ("residual", "hc", "mhc")
+Connection = Literal["residual", "hc", "mhc", "mhc_lite", "kromhc", "ortho"]
+CONNECTIONS: tuple[str, ...] = ("residual", "hc", "mhc", "mhc_lite", "kromhc", "ortho")
+# mHC with an exact doubly-stochastic H_res instead of Sinkhorn-Knopp (nn/variants.py)
+EXACT_VARIANTS: tuple[str, ...] = ("mhc_lite", "kromhc", "ortho")
+MAX_LITE_STREAMS = 6  # mhc_lite: n! logits per token (n = 8 would need 40320)
 
 
 class Section(BaseModel):
@@ -43,7 +47,15 @@ class DataConfig(Section):
         0.1,
         gt=0.0,
         lt=0.5,
-        description="The last fraction of the corpus is held out for validation and the probe.",
+        description="The fraction of the corpus held out for validation and the probe (see "
+        "val_split).",
+    )
+    val_split: Literal["tail", "hashed"] = Field(
+        "tail",
+        description="Which bytes are held out: `tail` = the last val_fraction of the corpus "
+        "(files in sorted order, so the alphabetically last files); `hashed` = whole files, "
+        "chosen by a stable hash of their path, about val_fraction of them, so validation "
+        "text is drawn like training text.",
     )
 
 
@@ -69,7 +81,11 @@ class ModelConfig(Section):
     )
     mlp_ratio: int = Field(4, ge=1, le=16, description="MLP hidden width = mlp_ratio * d_model.")
     connection: Connection = Field(
-        "mhc", description="Residual path: `residual` (x + F(x)), `hc` or `mhc`."
+        "mhc",
+        description="Residual path: `residual` (x + F(x)), `hc`, `mhc` (Sinkhorn-Knopp), or an "
+        "mHC variant whose H_res is exactly doubly stochastic: `mhc_lite` (convex combination of "
+        "the n! permutations, n <= 6), `kromhc` (Kronecker product of 2x2 factors, n a power of "
+        "2), `ortho` (entrywise square of a Cayley-transform orthogonal matrix).",
     )
     n_streams: int = Field(
         4,
@@ -92,11 +108,21 @@ class ModelConfig(Section):
         2.0,
         ge=0.0,
         le=20.0,
-        description="mHC only: strength s of the bias initialisation. b_res = -s off the "
-        "diagonal and 0 on it (after Sinkhorn the diagonal is e^s / (e^s + n - 1), 0.711 for "
+        description="mHC and its variants: strength s of the bias initialisation. b_res = -s off "
+        "the diagonal and 0 on it (after Sinkhorn the diagonal is e^s / (e^s + n - 1), 0.711 for "
         "s = 2, n = 4); b_pre = +s for stream k mod n and -s for the others; b_post = 0 "
         "(H_post = 1). Larger s starts nearer the identity but slows Sinkhorn-Knopp's "
-        "convergence: 20 iterations leave larger column errors once training moves the logits.",
+        "convergence: 20 iterations leave larger column errors once training moves the logits. "
+        "The variants start from the same H_res diagonal (mhc_lite and ortho from the same "
+        "matrix; docs/design.md).",
+    )
+    sinkhorn_tol: Optional[float] = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="mHC only: null = the paper's fixed t_max iterations. Set: iterate until "
+        "every column sum of every token's H_res is within this of 1, at most sinkhorn_iters "
+        "iterations (Sinkhorn to convergence; a departure from the paper).",
     )
     norm_eps: float = Field(1e-6, gt=0.0, lt=1.0, description="RMSNorm epsilon (all norms).")
 
@@ -108,6 +134,16 @@ class ModelConfig(Section):
             )
         if self.connection == "residual" and self.n_streams != 1:
             object.__setattr__(self, "n_streams", 1)
+        n = self.n_streams
+        if self.connection == "mhc_lite" and n > MAX_LITE_STREAMS:
+            raise ValueError(
+                f"mhc_lite builds H_res from all n! permutations: n_streams must be at most "
+                f"{MAX_LITE_STREAMS} (got {n}, {math.factorial(n)} logits per token)"
+            )
+        if self.connection == "kromhc" and n & (n - 1):
+            raise ValueError(f"kromhc builds H_res from 2x2 factors: n_streams must be a power of 2 (got {n})")
+        if self.connection == "mhc" and self.sinkhorn_tol is not None and self.sinkhorn_iters == 0:
+            raise ValueError("sinkhorn_tol needs sinkhorn_iters >= 1 (its cap)")
         return self
 
     @property
@@ -286,14 +322,18 @@ class ExperimentConfig(RunConfig):
 
 # Fields that do not change a run of the given connection; left out of its run_id hash.
 IRRELEVANT_MODEL_FIELDS: dict[str, set[str]] = {
-    "residual": {"n_streams", "hc_dynamic", "hc_tanh", "sinkhorn_iters", "mhc_init_logit"},
-    "hc": {"sinkhorn_iters", "mhc_init_logit"},
+    "residual": {"n_streams", "hc_dynamic", "hc_tanh", "sinkhorn_iters", "sinkhorn_tol", "mhc_init_logit"},
+    "hc": {"sinkhorn_iters", "sinkhorn_tol", "mhc_init_logit"},
     "mhc": {"hc_dynamic", "hc_tanh"},
+    **{v: {"hc_dynamic", "hc_tanh", "sinkhorn_iters", "sinkhorn_tol"} for v in EXACT_VARIANTS},
 }
+# Fields added after results were committed, left out of the run_id hash at these values
+# (their defaults, the behaviour before they existed), so every earlier run keeps its id.
+LATER_FIELDS: dict[str, Any] = {"model.sinkhorn_tol": None, "data.val_split": "tail"}
 
 
 def reference_markdown() -> str:
-    """The experiment-file reference as Markdown tables (README.md embeds this verbatim)."""
+    """The experiment-file reference as Markdown tables (docs/experiment-file.md embeds this verbatim)."""
     sections = [
         ("top level", ExperimentConfig, ("data", "model", "train", "probe", "sweep", "launcher")),
         ("data", DataConfig, ()),

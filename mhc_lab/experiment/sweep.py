@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import IRRELEVANT_MODEL_FIELDS, ExperimentConfig, RunConfig
+from .config import IRRELEVANT_MODEL_FIELDS, LATER_FIELDS, ExperimentConfig, RunConfig
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,10 @@ def canonical_dict(cfg: RunConfig) -> dict[str, Any]:
     for name in IRRELEVANT_MODEL_FIELDS[cfg.model.connection]:
         data["model"].pop(name, None)
     data["probe"].pop("checkpoint", None)
+    for key, default in LATER_FIELDS.items():  # at its default a later field changes nothing
+        section, name = key.split(".")
+        if data[section].get(name, default) == default:
+            data[section].pop(name, None)
     return data
 
 

@@ -3,15 +3,16 @@ the per-token mixing Functions, and the fused native CPU kernels that speed them
 
     build_model(cfg, max_seq_len, seed) -> LanguageModel
     build_connection(cfg, layer_index)  -> ResidualConnection | HyperConnection | ManifoldHyperConnection
+                                           or an exact variant: MhcLite-, Kromhc-, OrthostochasticConnection
 """
 
-from .connections import (
-    HyperConnection, ManifoldHyperConnection, ResidualConnection, build_connection,
-)
-from .model import LanguageModel, build_model
+from .connections import HyperConnection, ManifoldHyperConnection, ResidualConnection
+from .model import LanguageModel, build_connection, build_model
+from .variants import KromhcConnection, MhcLiteConnection, OrthostochasticConnection
 from .sinkhorn import sinkhorn_knopp
 
 __all__ = [
-    "HyperConnection", "LanguageModel", "ManifoldHyperConnection", "ResidualConnection",
-    "build_connection", "build_model", "sinkhorn_knopp",
+    "HyperConnection", "KromhcConnection", "LanguageModel", "ManifoldHyperConnection",
+    "MhcLiteConnection", "OrthostochasticConnection", "ResidualConnection", "build_connection",
+    "build_model", "sinkhorn_knopp",
 ]

@@ -1,4 +1,4 @@
-"""The three residual paths between layers: plain residual, HC and mHC.
+"""The residual paths between layers: plain residual, HC and mHC (its exact variants: variants.py).
 
 Legend: B = batch, T = tokens, n = residual streams (expansion rate), C = d_model.
 
@@ -30,10 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..experiment.config import ModelConfig
 from .fused import HcRead, MhcRead, fused_path_ok
 from .mixing import Sublayer, _StreamWrite, mix_read, mix_streams, rms_projection
-from .sinkhorn import sinkhorn_knopp
+from .sinkhorn import iterations_needed, sinkhorn_knopp
 
 
 class RMSNorm(nn.Module):
@@ -176,6 +175,7 @@ class ManifoldHyperConnection(nn.Module):
         sinkhorn_iters: int = 20,
         init_logit: float = 2.0,
         eps: float = 1e-6,
+        sinkhorn_tol: Optional[float] = None,
     ) -> None:
         super().__init__()
         if sinkhorn_iters < 0:
@@ -183,6 +183,9 @@ class ManifoldHyperConnection(nn.Module):
         n = n_streams
         self.n = n
         self.sinkhorn_iters = sinkhorn_iters
+        self.sinkhorn_tol = sinkhorn_tol
+        if sinkhorn_tol is not None:  # the fused kernel runs a fixed t_max
+            self.fused_sinkhorn = False
         self.eps = eps
         self.norm_weight = nn.Parameter(torch.ones(n * d_model))  # RMSNorm weight over nC
         self.dynamic_phi = nn.Parameter(torch.zeros(n * d_model, 2 * n + self.res_logits))
@@ -211,8 +214,10 @@ class ManifoldHyperConnection(nn.Module):
         return -init_logit * (1.0 - torch.eye(self.n))
 
     def residual_matrix(self, logits: torch.Tensor) -> torch.Tensor:
-        """H_res (..., n, n) from the logits (..., res_logits): Sinkhorn-Knopp of mat(logits)."""
-        return sinkhorn_knopp(logits.unflatten(-1, (self.n, self.n)), self.sinkhorn_iters)
+        """H_res (..., n, n) from the logits (..., res_logits): Sinkhorn-Knopp of mat(logits),
+        t_max iterations, or with `sinkhorn_tol` until every column sum is within tol (at most
+        t_max; `sinkhorn.sinkhorn_knopp`)."""
+        return sinkhorn_knopp(logits.unflatten(-1, (self.n, self.n)), self.sinkhorn_iters, self.sinkhorn_tol)
 
     # -- the shared mHC parametrisation -----------------------------------------------------------
 
@@ -236,6 +241,23 @@ class ManifoldHyperConnection(nn.Module):
     def residual_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The logits H_res is built from, (B, T, K), for x: (B, T, n, C) (probe diagnostics)."""
         return self.logits(x)[..., 2 * self.n :]
+
+    @torch.no_grad()
+    def diagnose(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-token diagnostics of the constraint for x: (B, T, n, C), over the B*T tokens:
+        `logit_spread` (max - min of H_res's logits) and, with `sinkhorn_tol`, the iterations
+        each token needs for every column sum to be within tol (`sinkhorn_iters`, at most
+        t_max) and whether it got there (`sinkhorn_converged`)."""
+        logits = self.residual_logits(x).flatten(0, -2)  # (M, K)
+        if logits.shape[-1] == 0:  # n = 1: H_res is the constant 1
+            return {"logit_spread": logits.new_zeros(logits.shape[0])}
+        out = {"logit_spread": logits.amax(-1) - logits.amin(-1)}
+        if self.sinkhorn_tol is not None and self.sinkhorn_iters > 0:
+            square = logits.unflatten(-1, (self.n, self.n))
+            out["sinkhorn_iters"], out["sinkhorn_converged"] = iterations_needed(
+                square, self.sinkhorn_tol, self.sinkhorn_iters
+            )
+        return out
 
     def coefficients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """H_pre (B, T, n), H_post (B, T, n), H_res (B, T, n, n) for x: (B, T, n, C)."""
@@ -262,26 +284,6 @@ class ManifoldHyperConnection(nn.Module):
         layer_out = sublayer(layer_in.view(b, t, c))  # (B, T, C): F(H_pre x)
         out = _StreamWrite.apply(mixed, h_post, layer_out.reshape(b * t, c), True)  # into H_res x
         return out.view(b, t, n, c), h_res.view(b, t, n, n)
-
-
-def build_connection(cfg: ModelConfig, layer_index: int) -> nn.Module:
-    """The connection of layer `layer_index` (0-based, counting sublayers) for this config."""
-    if cfg.connection == "residual":
-        return ResidualConnection()
-    if cfg.connection == "hc":
-        return HyperConnection(
-            cfg.d_model, cfg.n_streams, layer_index, cfg.hc_dynamic, cfg.hc_tanh, cfg.norm_eps
-        )
-    if cfg.connection == "mhc":
-        return ManifoldHyperConnection(
-            cfg.d_model,
-            cfg.n_streams,
-            layer_index,
-            cfg.sinkhorn_iters,
-            cfg.mhc_init_logit,
-            cfg.norm_eps,
-        )
-    raise ValueError(f"unknown connection {cfg.connection!r}")
 
 
 def is_decayed(name: str, param: nn.Parameter) -> bool:

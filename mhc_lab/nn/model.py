@@ -3,7 +3,7 @@
 Legend: B = batch, T = tokens, n = residual streams, C = d_model, V = 256 (bytes),
 L = layers (2 per block: attention, then MLP), H = heads, D = C / H.
 
-Reads top to bottom: attention, MLP, pre-norm sublayer, the model. The token embedding is
+Reads top to bottom: the connection of each layer, attention, MLP, pre-norm sublayer, the model. The token embedding is
 copied into all n streams, every layer goes through its connection, the streams are summed,
 then the final RMSNorm and the (tied) unembedding (DESIGN.md section 2).
 """
@@ -11,6 +11,7 @@ then the final RMSNorm and the (tied) unembedding (DESIGN.md section 2).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -18,9 +19,50 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..experiment.config import ModelConfig
-from .connections import RMSNorm, build_connection, is_decayed, optional_hres
+from .connections import (
+    HyperConnection, ManifoldHyperConnection, ResidualConnection, RMSNorm, is_decayed, optional_hres,
+)
+from .variants import KromhcConnection, MhcLiteConnection, OrthostochasticConnection
 
 VOCAB_SIZE = 256
+# The mHC variants with an exact doubly-stochastic H_res (variants.py), by `model.connection`.
+VARIANTS: dict[str, type[ManifoldHyperConnection]] = {
+    "mhc_lite": MhcLiteConnection, "kromhc": KromhcConnection, "ortho": OrthostochasticConnection,
+}
+
+
+def build_connection(cfg: ModelConfig, layer_index: int) -> nn.Module:
+    """The connection of layer `layer_index` (0-based, counting sublayers) for this config:
+    `residual`, `hc`, `mhc`, or an exact mHC variant (`mhc_lite`, `kromhc`, `ortho`,
+    variants.py)."""
+    if cfg.connection == "residual":
+        return ResidualConnection()
+    if cfg.connection == "hc":
+        return HyperConnection(
+            cfg.d_model, cfg.n_streams, layer_index, cfg.hc_dynamic, cfg.hc_tanh, cfg.norm_eps
+        )
+    if cfg.connection == "mhc":
+        return ManifoldHyperConnection(
+            cfg.d_model,
+            cfg.n_streams,
+            layer_index,
+            cfg.sinkhorn_iters,
+            cfg.mhc_init_logit,
+            cfg.norm_eps,
+            cfg.sinkhorn_tol,
+        )
+    if cfg.connection in VARIANTS:
+        return VARIANTS[cfg.connection](cfg.d_model, cfg.n_streams, layer_index, cfg.mhc_init_logit, cfg.norm_eps)
+    raise ValueError(f"unknown connection {cfg.connection!r}")
+
+
+@dataclass
+class ProbeCapture:
+    """What one probe pass collects (`LanguageModel.probe`)."""
+
+    hres: torch.Tensor  # (L, T, n, n): every layer's H_res for every probe token
+    stream_rms: torch.Tensor  # (L + 1,) float64: RMS of the state entering each layer, and the output
+    diagnostics: list[Optional[dict[str, torch.Tensor]]]  # per layer: per-token constraint diagnostics
 
 
 class CausalSelfAttention(nn.Module):
@@ -124,25 +166,29 @@ class LanguageModel(nn.Module):
         return h.unsqueeze(-2).expand(b, t, self.n_streams, h.shape[-1])  # views of one copy
 
     @torch.no_grad()
-    def probe(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One pass for the gain probe: every layer's H_res for every token, (L, B*T, n, n)
-        as in `forward`, and the RMS of the hidden state x_l (over tokens, streams and
-        channels) entering each layer l = 0..L-1 and leaving the last one, (L + 1,) float64.
-        The RMS is the residual signal itself, which the gain metric bounds through H_res
-        alone: with HC it can grow by orders of magnitude while every sublayer's output stays
-        O(1). Squares are summed in float64, so the RMS of any finite float32 state is finite."""
+    def probe(self, idx: torch.Tensor) -> "ProbeCapture":
+        """One pass for the gain probe over idx (B, T): every layer's H_res for every token,
+        (L, B*T, n, n) as in `forward`; the RMS of the hidden state x_l (over tokens, streams
+        and channels) entering each layer l = 0..L-1 and leaving the last one, (L + 1,)
+        float64; and each mHC-family layer's per-token diagnostics of its constraint
+        (`ManifoldHyperConnection.diagnose`; None for residual and HC layers). The RMS is the
+        residual signal itself, which the gain metric bounds through H_res alone: with HC it
+        can grow by orders of magnitude while every sublayer's output stays O(1). Squares are
+        summed in float64, so the RMS of any finite float32 state is finite."""
         b, t = idx.shape
         x = self._embed(idx)
-        captured, rms = [], [_rms64(x)]
+        captured, rms, diagnostics = [], [_rms64(x)], []
         for sublayer, connection in zip(self.sublayers, self.connections):
+            diagnose = getattr(connection, "diagnose", None)
+            diagnostics.append(diagnose(x) if diagnose is not None else None)
             x, h_res = connection(x, sublayer)
             captured.append(optional_hres(h_res, x).reshape(b * t, self.n_streams, self.n_streams))
             rms.append(_rms64(x))
-        return torch.stack(captured), torch.stack(rms).cpu()
+        return ProbeCapture(torch.stack(captured), torch.stack(rms).cpu(), diagnostics)
 
     def stream_rms(self, idx: torch.Tensor) -> torch.Tensor:
         """The RMS of the hidden state entering each layer and leaving the last (see `probe`)."""
-        return self.probe(idx)[1]
+        return self.probe(idx).stream_rms
 
     def _unembed(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.token_embedding.weight.t()  # tied weights: (B, T, V)

@@ -153,13 +153,54 @@ class _SinkhornKnopp(torch.autograd.Function):
         return _tokens_first(g, ctx.shape, ctx.dtype), None
 
 
-def sinkhorn_knopp(logits: torch.Tensor, iters: int = 20) -> torch.Tensor:
+def sinkhorn_knopp(logits: torch.Tensor, iters: int = 20, tol: Optional[float] = None) -> torch.Tensor:
     """Project logits (..., n, n) onto doubly-stochastic matrices (mHC paper, Sinkhorn-Knopp).
 
     iters = 0 returns exp(logits) unchanged (the unconstrained ablation). Equal, up to float
     rounding, to exp(sinkhorn_log_iterations(logits, iters)), in value and gradient; memory
     saved for backward does not depend on `iters`.
+
+    With `tol` (Sinkhorn to convergence, a departure from the paper's fixed t_max): as many
+    iterations as the worst token of this call needs for every column sum to be within `tol`
+    of 1, at most `iters` (`iterations_for_tolerance`); every token of the call gets that same
+    count, which the backward recomputes. Memory still does not depend on the count.
     """
     if iters < 0:
         raise ValueError(f"iters must be >= 0, got {iters}")
+    if tol is not None and iters > 0:
+        iters = iterations_for_tolerance(logits, tol, iters)
     return _SinkhornKnopp.apply(logits, iters)
+
+
+def iterations_needed(logits: torch.Tensor, tol: float, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token, the iterations Sinkhorn-Knopp needs until every column sum of H is within
+    `tol` of 1 (rows are exactly 1 after each iteration), at most `cap`; and whether it got
+    there. logits (..., n, n) -> two (...) tensors: int64 counts (`cap` where it did not
+    converge) and bool. No autograd; the same steps as the forward (`_iterate`)."""
+    if cap < 1:
+        raise ValueError(f"cap must be >= 1, got {cap}")
+    z = _tokens_last(logits.detach())  # (n, n, N)
+    needed = torch.full(z.shape[-1:], cap, dtype=torch.int64, device=z.device)
+    h = torch.softmax(torch.log_softmax(z, dim=0), dim=1)  # iteration 1
+    done = _column_error(h) <= tol  # (N,)
+    needed[done] = 1
+    for k in range(2, cap + 1):
+        if bool(done.all()):
+            break
+        h.div_(h.sum(0, keepdim=True)).div_(h.sum(1, keepdim=True))  # column step, row step
+        newly = ~done & (_column_error(h) <= tol)
+        needed[newly] = k
+        done |= newly
+    shape = logits.shape[:-2]
+    return needed.reshape(shape), done.reshape(shape)
+
+
+def iterations_for_tolerance(logits: torch.Tensor, tol: float, cap: int) -> int:
+    """The iterations every column sum of every token needs to be within `tol`, at most `cap`."""
+    needed, _ = iterations_needed(logits, tol, cap)
+    return int(needed.max()) if needed.numel() else 1
+
+
+def _column_error(h: torch.Tensor) -> torch.Tensor:
+    """max_j |sum_i H_ij - 1| per token for H laid out (n_i, n_j, N): (N,)."""
+    return (h.sum(0) - 1).abs().amax(0)

@@ -35,10 +35,11 @@ import numpy as np
 from ..errors import MhcLabError
 
 SUMMARY_COLUMNS: tuple[str, ...] = (
-    "run_id", "connection", "depth", "layers", "d_model", "n_streams", "sinkhorn_iters",
+    "run_id", "connection", "depth", "layers", "d_model", "n_streams", "sinkhorn_iters", "sinkhorn_tol",
     "lr", "seed", "n_params", "status", "steps_done", "final_loss", "final_val_loss",
     "max_gain_fwd", "max_gain_bwd", "max_gain_step", "max_gain_layer",
-    "max_gain_fwd_inf", "max_gain_bwd_inf", "max_signal_growth", "diverged_step", "wall_s", "tokens_per_s",
+    "max_gain_fwd_inf", "max_gain_bwd_inf", "final_gain_fwd", "final_gain_bwd", "max_signal_growth",
+    "diverged_step", "wall_s", "tokens_per_s",
 )
 FINISHED = ("completed", "diverged", "failed")
 

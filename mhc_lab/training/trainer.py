@@ -23,6 +23,7 @@ import torch
 from .. import __version__
 from ..experiment.config import RunConfig
 from .data import Corpus, load_corpus, probe_sequence, training_batch, validation_batches
+from ..probe.constraint import constraint_statistics, hres_statistics
 from ..probe.gain import gain_metrics
 from ..nn.model import LanguageModel, build_model
 from .schedule import learning_rate
@@ -105,21 +106,6 @@ class RunState:
     last_val_loss: float = float("nan")
 
 
-def hres_statistics(hres: torch.Tensor) -> dict:
-    """Per layer: mean Frobenius distance of H_res from I, and worst |row/column sum - 1|.
-
-    A flat mHC gain of 1 can hide an H_res that never left the identity (DESIGN.md section
-    4); `identity_dist` shows whether it moved, the sum errors how far Sinkhorn is from exact.
-    """
-    h = hres.detach().to(torch.float64)  # (L, T, n, n)
-    eye = torch.eye(h.shape[-1], dtype=h.dtype)
-    return {
-        "identity_dist": torch.linalg.matrix_norm(h - eye).mean(dim=1).tolist(),
-        "row_sum_err": (h.sum(-1) - 1).abs().amax(dim=(1, 2)).tolist(),
-        "col_sum_err": (h.sum(-2) - 1).abs().amax(dim=(1, 2)).tolist(),
-    }
-
-
 def signal_growth(stream_rms: torch.Tensor) -> float:
     """Largest RMS of the hidden state over the layers, relative to the embedding's (layer 0's
     input): how far the residual signal itself grew. Residual: the sum of L sublayer outputs;
@@ -157,6 +143,7 @@ class Trainer:
         ]
         self.state = RunState()
         self.last_probe: tuple[int, torch.Tensor] = (0, torch.empty(0))
+        self.last_headline: dict = {}  # the last probe's headline: the run's final gains
 
     # -- checkpoints -------------------------------------------------------------------
 
@@ -199,15 +186,18 @@ class Trainer:
         self.model.eval()
         with self._autocast():
             val_loss = sum(self.model(x, y)[1].item() for x, y in self.val) / len(self.val)
-            hres, streams = self.model.probe(self.probe_x)  # (L, T, n, n), (L + 1,)
+            capture = self.model.probe(self.probe_x)
+        hres, streams = capture.hres, capture.stream_rms  # (L, T, n, n), (L + 1,)
         self.model.train()
         signal = signal_growth(streams)
         hres = hres.float().cpu()
         metrics = gain_metrics(hres)
         self.state.peak.update(step, metrics["headline"], hres, signal)
         self.last_probe = (step, hres)
+        self.last_headline = metrics["headline"]
         self.state.last_val_loss = val_loss
-        record = {"step": step, "val_loss": val_loss, **metrics, "hres": hres_statistics(hres),
+        constraint = {**hres_statistics(hres), **constraint_statistics(capture.diagnostics)}
+        record = {"step": step, "val_loss": val_loss, **metrics, "hres": constraint,
                   "stream_rms": streams.tolist(), "signal_growth": signal}
         writer.write(record)
         return record
@@ -328,6 +318,8 @@ class Trainer:
             "max_gain_layer": peak.layer,
             "max_gain_fwd_inf": peak.fwd_inf,
             "max_gain_bwd_inf": peak.bwd_inf,
+            "final_gain_fwd": self.last_headline.get("max_gain_fwd", float("nan")),
+            "final_gain_bwd": self.last_headline.get("max_gain_bwd", float("nan")),
             "max_signal_growth": peak.signal,
             "diverged_step": diverged_step,
             "reason": reason,
@@ -348,6 +340,7 @@ def config_columns(run_id: str, cfg: RunConfig) -> dict:
         "d_model": m.d_model,
         "n_streams": m.n_streams,
         "sinkhorn_iters": m.sinkhorn_iters if m.connection == "mhc" else None,
+        "sinkhorn_tol": m.sinkhorn_tol if m.connection == "mhc" else None,
         "lr": cfg.train.lr,
         "seed": cfg.seed,
     }

@@ -10,13 +10,15 @@
                               (paper Figs. 2 and 5)
     mixing_matrices           token-mean H_res: first and last layer, composite (paper Fig. 8)
     sweep_heatmap_<y>_x_<x>   peak gain over two crossed numeric swept settings, per connection
+    constraint_health         per layer at the last probe: the worst column error and the logit
+                              spread of every doubly-stochastic connection (mHC and its variants)
 
 "Gain" is the paper's Amax gain magnitude (gain.py, DESIGN.md section 3), token mean; a probe's
 headline is its largest composite gain over layers. Where several seeds share a setting, lines
 are their mean and the shaded band their min-max range. Non-finite gains (overflow, stored as
 "inf") are left out of lines and counted on the panel.
 
-One module per figure family: gains.py, training.py, matrices.py; their shared style and
+One module per figure family: gains.py, training.py, matrices.py, constraint.py; their shared style and
 scaffolding in style.py. Figures are built on `matplotlib.figure.Figure` directly (Agg canvas:
 no pyplot state, no display). Colours are Okabe-Ito (colour-blind safe), the same everywhere.
 """
@@ -30,6 +32,7 @@ from typing import Callable, Optional
 from matplotlib.figure import Figure
 
 from ..view import ExperimentView
+from .constraint import fig_constraint_health
 from .gains import fig_gain_by_layer, fig_gain_vs_scale, fig_gain_vs_step, fig_signal_by_layer
 from .matrices import fig_mixing_matrices, fig_sweep_heatmaps
 from .style import DPI, Skip
@@ -44,6 +47,7 @@ TITLES = {
     "mixing_matrices": "Mixing matrices (paper Fig. 8)",
     "signal_by_layer": "Residual signal by layer",
     "sweep_heatmap": "Sweep heatmap",
+    "constraint_health": "Constraint health",
 }
 CAPTIONS = {
     "gain_vs_step": "Composite gain at each probe (largest over layers), forward solid and "
@@ -52,7 +56,7 @@ CAPTIONS = {
     "probes) against depth, parameter count and the other numeric swept settings: the scaling "
     "picture.",
     "gain_by_layer": "Single-layer and composite gain against layer index at the run's peak "
-    "probe, HC beside mHC (the paper's Fig. 3).",
+    "probe, HC beside mHC and its variants (the paper's Fig. 3).",
     "loss_and_grad_norm": "Training loss, its gap to the residual baseline with the same "
     "settings and seed, and the gradient norm before clipping (the paper's Figs. 2 and 5); "
     "x marks where a diverged run stopped.",
@@ -64,6 +68,10 @@ CAPTIONS = {
     "how far the residual signal itself grew, which the gain metric bounds through H_res.",
     "sweep_heatmap": "Peak composite gain over two swept settings (mean over seeds), one panel "
     "per connection.",
+    "constraint_health": "Per layer at the last probe, for mHC and its exact variants: the worst "
+    "|column sum - 1| over the probe tokens (Sinkhorn ends each iteration with the rows, so the "
+    "columns carry its error; the exact variants sit at float rounding) and the spread of a "
+    "token's H_res logits (finite Sinkhorn converges slowly above 30).",
 }
 
 
@@ -103,6 +111,7 @@ FIGURES: tuple[tuple[str, Builder], ...] = (
     ("mixing_matrices", fig_mixing_matrices),
     ("signal_by_layer", fig_signal_by_layer),
     ("sweep_heatmap", fig_sweep_heatmaps),
+    ("constraint_health", fig_constraint_health),
 )
 
 

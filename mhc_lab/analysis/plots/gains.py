@@ -16,7 +16,7 @@ from matplotlib.lines import Line2D
 from ...store import as_float
 from ..view import DEPTH, ExperimentView, RunView, axis_name, describe, group_runs
 from .style import (
-    COLORS, DIRECTION_KEYS, DIRECTION_STYLE, GAIN_LABEL, LINESTYLES, MARKERS, NAMES, Curve, Skip,
+    COLORS, DIRECTION_KEYS, DIRECTION_STYLE, GAIN_LABEL, LINESTYLES, MARKERS, MIXING, NAMES, Curve, Skip,
     aggregate, by_connection, draw_band, facet_grid, finish, fmt_count, fmt_tick, gain_axis, hide,
     new_figure, representative_note, representative_runs, runs_in, seed_note, step_axes, unique,
 )
@@ -169,7 +169,7 @@ def fig_gain_by_layer(view: ExperimentView) -> list[tuple[str, Figure]]:
 
 
 def fig_signal_by_layer(view: ExperimentView) -> list[tuple[str, Figure]]:
-    chosen = representative_runs(view, ("hc", "mhc", "residual"))
+    chosen = representative_runs(view, (*MIXING, "residual"))
     measured = {c: [p for p in r.probes if "stream_rms" in p] for c, r in chosen.items()}
     measured = {c: probes for c, probes in measured.items() if probes}
     if not measured:

@@ -23,9 +23,14 @@ from matplotlib.lines import Line2D
 
 from ..view import DEPTH, ExperimentView, RunView, describe, group_runs, matches
 
-COLORS = {"residual": "#555555", "hc": "#D55E00", "mhc": "#0072B2"}  # Okabe-Ito grey, vermillion, blue
-NAMES = {"residual": "residual", "hc": "HC", "mhc": "mHC"}
-LINE_WIDTH = {"residual": 1.1, "hc": 1.8, "mhc": 1.8}  # residual thin and on top: it often hides under mHC's 1
+# Okabe-Ito (colour-blind safe): grey, vermillion, blue; bluish green, reddish purple, orange
+COLORS = {"residual": "#555555", "hc": "#D55E00", "mhc": "#0072B2",
+          "mhc_lite": "#009E73", "kromhc": "#CC79A7", "ortho": "#E69F00"}
+NAMES = {"residual": "residual", "hc": "HC", "mhc": "mHC", "mhc_lite": "mHC-lite", "kromhc": "KromHC",
+         "ortho": "ortho"}
+# residual thin and on top: it often hides under mHC's 1
+LINE_WIDTH = {"residual": 1.1, "hc": 1.8, "mhc": 1.8, "mhc_lite": 1.6, "kromhc": 1.6, "ortho": 1.6}
+MIXING = ("hc", "mhc", "mhc_lite", "kromhc", "ortho")  # the connections with a learned H_res
 DIRECTION_STYLE = {"fwd": "-", "bwd": "--"}
 # The mHC paper's composite gains (27B model, 60 layers; DESIGN.md section 3).
 PAPER_GAIN = {"residual": 1.0, "hc": 3000.0, "mhc": 1.6}
@@ -262,7 +267,7 @@ def by_connection(runs: list[RunView]) -> Iterable[tuple[str, list[RunView]]]:
 # -- the runs shown in the per-run figures -------------------------------------------------
 
 
-def representative_runs(view: ExperimentView, connections: Sequence[str] = ("hc", "mhc")) -> dict[str, RunView]:
+def representative_runs(view: ExperimentView, connections: Sequence[str] = MIXING) -> dict[str, RunView]:
     """The run with the largest peak gain of the first connection present, and the runs of
     the other connections at the same settings and seed (else their own largest)."""
     chosen: dict[str, RunView] = {}
@@ -292,9 +297,11 @@ def is_pair(view: ExperimentView, chosen: dict[str, RunView]) -> bool:
 def representative_note(view: ExperimentView, chosen: dict[str, RunView]) -> str:
     if len(chosen) < 2:
         return f"the {NAMES[next(iter(chosen))]} run with the largest peak gain"
-    if is_pair(view, chosen):
-        return "the HC run with the largest peak gain, and mHC at its settings and seed"
-    return "each connection's run with the largest peak gain (no mHC run shares the HC run's settings)"
+    first = NAMES[next(iter(chosen))]
+    anchor = next(iter(chosen.values()))
+    if all(r.seed == anchor.seed and _same_settings(view, r, anchor) for r in chosen.values()):
+        return f"the {first} run with the largest peak gain, and the other connections at its settings and seed"
+    return f"each connection's run with the largest peak gain (not all share the {first} run's settings)"
 
 
 def colormap(name: str) -> mcolors.Colormap:
