@@ -235,6 +235,55 @@ def test_fused_connections_equal_the_torch_path(kind, n, c, tokens, monkeypatch)
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
+def _graph_nodes(root) -> list[str]:
+    """Names of the autograd nodes reachable from `root`, AccumulateGrad excluded."""
+    seen, stack, names = set(), [root], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ != "AccumulateGrad":
+            names.append(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("kind", ["hc", "mhc"])
+def test_a_fused_layer_is_two_autograd_nodes(kind):
+    """The read (coefficients and parameter folding included) and the write: nothing else
+    between the layer's input and output but the sublayer's own node."""
+    from mhc_lab.nn.connections import HyperConnection, ManifoldHyperConnection
+
+    conn = HyperConnection(8, 4, 1) if kind == "hc" else ManifoldHyperConnection(8, 4, 1)
+    x = torch.randn(2, 3, 4, 8, requires_grad=True)
+    out, h_res = conn(x, lambda z: z * 2.0)
+    assert sorted(_graph_nodes(out.grad_fn)) == sorted([f"{'Hc' if kind == 'hc' else 'Mhc'}ReadBackward", "MulBackward0", "_StreamWriteBackward"])
+    assert _graph_nodes(h_res.grad_fn) == [f"{'Hc' if kind == 'hc' else 'Mhc'}ReadBackward"]
+
+
+@pytest.mark.parametrize("kind", ["hc", "mhc"])
+def test_incoming_gradients_are_never_written(kind):
+    """Hooks and retain_grad on every layer's output see the gradient autograd computed,
+    unchanged after the whole backward (the kernels write only into their own buffers)."""
+    from mhc_lab.nn.connections import HyperConnection, ManifoldHyperConnection
+
+    make = (lambda k: HyperConnection(8, 4, k)) if kind == "hc" else (lambda k: ManifoldHyperConnection(8, 4, k))
+    layers, sub = [make(k) for k in range(3)], torch.nn.Linear(8, 8)
+    x = torch.randn(2, 3, 4, 8, requires_grad=True)
+    seen, outs = [], []
+    h = x
+    for conn in layers:
+        h, _ = conn(h, sub)
+        h.retain_grad()
+        h.register_hook(lambda g: seen.append((g, g.clone())))
+        outs.append(h)
+    (h.square().sum() + outs[0].sum()).backward()
+    assert len(seen) == 3
+    for out, (grad, copy) in zip(reversed(outs), seen):  # hooks run from the last layer back
+        assert torch.equal(grad, copy) and torch.equal(out.grad, copy)
+
+
 def test_fused_kernels_do_not_depend_on_the_thread_count():
     m, n, c = 150, 4, 40
     x = _rand(m, n, c, dtype=torch.float32, seed=0)

@@ -130,18 +130,13 @@ class HyperConnection(nn.Module):
         return mix_read(x, read, beta, sublayer), read[..., 1:, :]
 
     def _fused_forward(self, x: torch.Tensor, sublayer: Sublayer) -> tuple[torch.Tensor, torch.Tensor]:
-        """`forward` with the coefficients and the read in one native pass (`fused.HcRead`)."""
-        b, t, n, c = x.shape
-        weights = torch.cat([self.dynamic_alpha, self.dynamic_beta.unsqueeze(-1)], dim=-1)
-        weights = self.norm.weight.unsqueeze(-1) * weights  # (C, 2 + n): w * [W_m | W_r | W_beta]
-        x_flat = x.reshape(b * t, n, c).contiguous()  # the first layer's x is an expanded view
+        """`forward` as two autograd nodes: the coefficients and the read in one native pass
+        (`fused.HcRead`), then the write into its own H_res x buffer."""
         layer_in, mixed, h_post, h_res = HcRead.apply(
-            x_flat, weights, self.static_alpha, self.static_beta, self.gate_alpha, self.gate_beta,
-            self.use_tanh, self.norm.eps,
-        )
-        layer_out = sublayer(layer_in.view(b, t, c))  # (B, T, C): F(H_pre x)
-        out = _StreamWrite.apply(mixed, h_post, layer_out.reshape(b * t, c), True)  # into H_res x
-        return out.view(b, t, n, c), h_res.view(b, t, n, n)
+            x, self.norm.weight, self.dynamic_alpha, self.dynamic_beta, self.static_alpha, self.static_beta,
+            self.gate_alpha, self.gate_beta, self.use_tanh, self.norm.eps,
+        )  # (B, T, C), (B, T, n, C), (B, T, n), (B, T, n, n)
+        return _StreamWrite.apply(mixed, h_post, sublayer(layer_in), True), h_res
 
 
 class ManifoldHyperConnection(nn.Module):
@@ -200,8 +195,9 @@ class ManifoldHyperConnection(nn.Module):
 
     # -- how H_res is built from its per-token logits: the part the mHC variants replace --------
 
-    # Whether `forward` may take the fused native path (`fused.MhcRead`), which builds H_res by
-    # Sinkhorn-Knopp itself; a variant with another construction sets this to False.
+    # Whether `forward` may take the fused native path (`fused.MhcRead`, or `ops.mhc_read` under
+    # torch.compile), which builds H_res by Sinkhorn-Knopp itself and folds phi and the biases
+    # as `_folded` does; a variant with another construction sets this to False.
     fused_sinkhorn = True
 
     @property
@@ -276,14 +272,14 @@ class ManifoldHyperConnection(nn.Module):
         return mix_streams(x, h_pre, h_post, h_res, sublayer), h_res
 
     def _fused_forward(self, x: torch.Tensor, sublayer: Sublayer) -> tuple[torch.Tensor, torch.Tensor]:
-        """`forward` with the coefficients and the read in one native pass (`fused.MhcRead`)."""
-        b, t, n, c = x.shape
-        phi, bias = self._folded()
-        x_flat = x.reshape(b * t, n, c).contiguous()  # the first layer's x is an expanded view
-        layer_in, mixed, h_post, h_res = MhcRead.apply(x_flat, phi, bias, self.sinkhorn_iters, self.eps)
-        layer_out = sublayer(layer_in.view(b, t, c))  # (B, T, C): F(H_pre x)
-        out = _StreamWrite.apply(mixed, h_post, layer_out.reshape(b * t, c), True)  # into H_res x
-        return out.view(b, t, n, c), h_res.view(b, t, n, n)
+        """`forward` as two autograd nodes: the folding, the coefficients and the read in one
+        (`fused.MhcRead`, which folds as `_folded` does), then the write into its own H_res x
+        buffer."""
+        layer_in, mixed, h_post, h_res = MhcRead.apply(
+            x, self.norm_weight, self.dynamic_phi, self.gate_pre, self.gate_post, self.gate_res,
+            self.bias_pre, self.bias_post, self.bias_res, self.sinkhorn_iters, self.eps,
+        )  # (B, T, C), (B, T, n, C), (B, T, n), (B, T, n, n)
+        return _StreamWrite.apply(mixed, h_post, sublayer(layer_in), True), h_res
 
 
 def is_decayed(name: str, param: nn.Parameter) -> bool:
