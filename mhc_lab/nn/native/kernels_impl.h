@@ -252,34 +252,40 @@ static void CAT(sinkhorn_block, SUF)(const T *z, int64_t zstride, int64_t nb, in
         for (int64_t j = 0; j < n; j++)
             for (int64_t b = 0; b < nb; b++) hrow[j * SK_BLOCK + b] /= s[b];
     }
-    T *out = trace ? trace + nn * SK_BLOCK : NULL;
-    if (out)
-        for (int64_t k = 0; k < nn * SK_BLOCK; k++) out[k] = h[k];
+    /* The later steps: in place in h, or, with the trace, each from its trace slot into the
+     * next (no copies); the result goes to h at the end. */
+    T *cur = h;
+    if (trace) {
+        cur = trace + nn * SK_BLOCK;
+        for (int64_t k = 0; k < nn * SK_BLOCK; k++) cur[k] = h[k];
+    }
     for (int64_t t = 1; t < iters; t++) {
+        T *next = trace ? cur + nn * SK_BLOCK : cur;
         for (int64_t j = 0; j < n; j++) { /* columns: sums over i */
             for (int64_t b = 0; b < SK_BLOCK; b++) s[b] = 0;
             for (int64_t i = 0; i < n; i++)
-                for (int64_t b = 0; b < SK_BLOCK; b++) s[b] += h[(i * n + j) * SK_BLOCK + b];
+                for (int64_t b = 0; b < SK_BLOCK; b++) s[b] += cur[(i * n + j) * SK_BLOCK + b];
+            for (int64_t b = 0; b < SK_BLOCK; b++) s[b] = 1 / s[b]; /* one division per sum */
             for (int64_t i = 0; i < n; i++)
-                for (int64_t b = 0; b < SK_BLOCK; b++) h[(i * n + j) * SK_BLOCK + b] /= s[b];
+                for (int64_t b = 0; b < SK_BLOCK; b++)
+                    next[(i * n + j) * SK_BLOCK + b] = cur[(i * n + j) * SK_BLOCK + b] * s[b];
         }
-        if (out) {
-            out += nn * SK_BLOCK;
-            for (int64_t k = 0; k < nn * SK_BLOCK; k++) out[k] = h[k];
-        }
+        cur = next;
+        next = trace ? cur + nn * SK_BLOCK : cur;
         for (int64_t i = 0; i < n; i++) { /* rows: sums over j */
-            T *hrow = h + i * n * SK_BLOCK;
+            const T *row = cur + i * n * SK_BLOCK;
+            T *nrow = next + i * n * SK_BLOCK;
             for (int64_t b = 0; b < SK_BLOCK; b++) s[b] = 0;
             for (int64_t j = 0; j < n; j++)
-                for (int64_t b = 0; b < SK_BLOCK; b++) s[b] += hrow[j * SK_BLOCK + b];
+                for (int64_t b = 0; b < SK_BLOCK; b++) s[b] += row[j * SK_BLOCK + b];
+            for (int64_t b = 0; b < SK_BLOCK; b++) s[b] = 1 / s[b];
             for (int64_t j = 0; j < n; j++)
-                for (int64_t b = 0; b < SK_BLOCK; b++) hrow[j * SK_BLOCK + b] /= s[b];
+                for (int64_t b = 0; b < SK_BLOCK; b++) nrow[j * SK_BLOCK + b] = row[j * SK_BLOCK + b] * s[b];
         }
-        if (out) {
-            out += nn * SK_BLOCK;
-            for (int64_t k = 0; k < nn * SK_BLOCK; k++) out[k] = h[k];
-        }
+        cur = next;
     }
+    if (trace && iters > 1)
+        for (int64_t k = 0; k < nn * SK_BLOCK; k++) h[k] = cur[k];
 }
 
 /* The backward steps on a block: w = dH * H on entry (entry-major, SK_BLOCK lanes), dz on
