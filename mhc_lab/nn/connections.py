@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ops
 from .fused import HcRead, MhcRead, fused_path_ok
 from .mixing import Sublayer, _StreamWrite, mix_read, mix_streams, rms_projection
 from .sinkhorn import iterations_needed, sinkhorn_knopp
@@ -125,6 +126,8 @@ class HyperConnection(nn.Module):
     def forward(self, x: torch.Tensor, sublayer: Sublayer) -> tuple[torch.Tensor, torch.Tensor]:
         if self.dynamic and fused_path_ok(x, self.static_alpha):
             return self._fused_forward(x, sublayer)
+        if self.dynamic and ops.compiled_path_ok(x, self.static_alpha):
+            return self._compiled_forward(x, sublayer)
         alpha, beta = self.alpha_beta(x)
         read = alpha.transpose(-1, -2)  # (B, T, 1 + n, n): A^T = [H_pre; H_res]
         return mix_read(x, read, beta, sublayer), read[..., 1:, :]
@@ -137,6 +140,17 @@ class HyperConnection(nn.Module):
             self.gate_alpha, self.gate_beta, self.use_tanh, self.norm.eps,
         )  # (B, T, C), (B, T, n, C), (B, T, n), (B, T, n, n)
         return _StreamWrite.apply(mixed, h_post, sublayer(layer_in), True), h_res
+
+    def _compiled_forward(self, x: torch.Tensor, sublayer: Sublayer) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` under torch.compile: the same kernel as a custom op (`ops.hc_read`); the
+        folding and the write are traced torch ops, which Inductor fuses."""
+        weights = torch.cat([self.dynamic_alpha, self.dynamic_beta.unsqueeze(-1)], dim=-1)
+        weights = self.norm.weight.unsqueeze(-1) * weights  # (C, 2 + n): w * [W_m | W_r | W_beta]
+        layer_in, mixed, h_post, h_res, _, _ = ops.hc_read(
+            x.contiguous(), weights.t().contiguous(), self.static_alpha, self.static_beta, self.gate_alpha,
+            self.gate_beta, self.use_tanh, self.norm.eps,
+        )
+        return torch.addcmul(mixed, h_post.unsqueeze(-1), sublayer(layer_in).unsqueeze(-2)), h_res
 
 
 class ManifoldHyperConnection(nn.Module):
@@ -268,6 +282,8 @@ class ManifoldHyperConnection(nn.Module):
     def forward(self, x: torch.Tensor, sublayer: Sublayer) -> tuple[torch.Tensor, torch.Tensor]:
         if self.fused_sinkhorn and fused_path_ok(x, self.dynamic_phi):
             return self._fused_forward(x, sublayer)
+        if self.fused_sinkhorn and ops.compiled_path_ok(x, self.dynamic_phi):
+            return self._compiled_forward(x, sublayer)
         h_pre, h_post, h_res = self.coefficients(x)
         return mix_streams(x, h_pre, h_post, h_res, sublayer), h_res
 
@@ -280,6 +296,15 @@ class ManifoldHyperConnection(nn.Module):
             self.bias_pre, self.bias_post, self.bias_res, self.sinkhorn_iters, self.eps,
         )  # (B, T, C), (B, T, n, C), (B, T, n), (B, T, n, n)
         return _StreamWrite.apply(mixed, h_post, sublayer(layer_in), True), h_res
+
+    def _compiled_forward(self, x: torch.Tensor, sublayer: Sublayer) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` under torch.compile: the same kernel as a custom op (`ops.mhc_read`); the
+        folding (`_folded`), the projection matmul and the write are traced torch ops."""
+        phi, bias = self._folded()
+        x = x.contiguous()
+        raw = x.flatten(-2) @ phi  # (B, T, K): vec(x) @ phi, the norm applied in the kernel
+        layer_in, mixed, h_post, h_res, _, _ = ops.mhc_read(x, raw, bias, self.eps, self.sinkhorn_iters)
+        return torch.addcmul(mixed, h_post.unsqueeze(-1), sublayer(layer_in).unsqueeze(-2)), h_res
 
 
 def is_decayed(name: str, param: nn.Parameter) -> bool:
