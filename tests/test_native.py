@@ -285,7 +285,7 @@ def test_incoming_gradients_are_never_written(kind):
 
 
 def test_fused_kernels_do_not_depend_on_the_thread_count():
-    m, n, c = 150, 4, 40
+    m, n, c = 300, 4, 40  # above the kernels' grain (32768 elements): two threads really run
     x = _rand(m, n, c, dtype=torch.float32, seed=0)
     g_in, g_mix, g_post = _rand(m, c, dtype=torch.float32, seed=1), _rand(m, n, c, dtype=torch.float32, seed=2), _rand(m, n, dtype=torch.float32, seed=3)
     weight_t, alpha, beta = _rand(n + 2, c, dtype=torch.float32, seed=4), _rand(n, n + 1, dtype=torch.float32, seed=5), _rand(n, dtype=torch.float32, seed=6)
@@ -379,3 +379,4 @@ def test_double_backward_of_the_mixing_functions_uses_the_torch_ops():
     (grad,) = torch.autograd.grad(sinkhorn_knopp(z, 3).square().sum(), z, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         grad.sum().backward()
+

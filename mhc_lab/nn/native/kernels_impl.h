@@ -1,6 +1,15 @@
 /* The kernels for one element type T (float or double), included twice by kernels.c.
  * Public names end in _SUF (f32, f64); see kernels.c for the legend and the layout. */
 
+/* Threads for a call with `work` elements: torch's number (nt), or 1 below GRAIN elements
+ * (torch's own grain size, at::internal::GRAIN_SIZE): a small call (the probe's 64 tokens)
+ * runs on the calling thread instead of waking the pool, which on a busy machine can wait a
+ * whole time slice for a descheduled thread. */
+#ifndef GRAIN
+#define GRAIN 32768
+#endif
+INLINE int CAT(threads_for, SUF)(const int64_t work, const int nt) { return work < GRAIN ? 1 : nt; }
+
 /* ---- stream read: y_in = R[0] x (H_pre x), y_mix[i] = R[1 + i] x (H_res x) ---------------- */
 
 INLINE void CAT(read_forward_token, SUF)(const T *restrict x, const T *restrict R,
@@ -23,6 +32,7 @@ INLINE void CAT(read_forward_token, SUF)(const T *restrict x, const T *restrict 
 void CAT(mhc_read_forward, SUF)(const T *restrict x, const T *restrict R, T *restrict y_in,
                                 T *restrict y_mix, int64_t M, int64_t n, int64_t C, int nt)
 {
+    nt = CAT(threads_for, SUF)(M * n * C, nt);
 #define BODY(N)                                                                                \
     _Pragma("omp parallel for num_threads(nt) schedule(static)")                              \
     for (int64_t m = 0; m < M; m++)                                                            \
@@ -152,6 +162,7 @@ void CAT(mhc_read_backward, SUF)(const T *restrict x, const T *restrict R,
                                  T *restrict grad_x, T *restrict grad_R, int64_t M, int64_t n,
                                  int64_t C, int nt)
 {
+    nt = CAT(threads_for, SUF)(M * n * C, nt);
 #define BODY(N)                                                                                \
     _Pragma("omp parallel for num_threads(nt) schedule(static)")                              \
     for (int64_t m = 0; m < M; m++)                                                            \
@@ -187,6 +198,7 @@ void CAT(mhc_write_backward, SUF)(const T *restrict g, const T *restrict F,
                                   const T *restrict h_post, T *restrict grad_F,
                                   T *restrict grad_post, int64_t M, int64_t n, int64_t C, int nt)
 {
+    nt = CAT(threads_for, SUF)(M * n * C, nt);
 #define BODY(N)                                                                                \
     _Pragma("omp parallel for num_threads(nt) schedule(static)")                              \
     for (int64_t m = 0; m < M; m++)                                                            \
@@ -328,6 +340,7 @@ static T *CAT(sinkhorn_scratch, SUF)(int64_t n, int64_t iters, int with_trace)
 static int CAT(sinkhorn_run, SUF)(const T *restrict z, const T *restrict grad_h, T *restrict out,
                                   int64_t M, int64_t n, int64_t iters, int nt)
 {
+    nt = CAT(threads_for, SUF)(M * n * n * (iters + 1), nt);
     int failed = 0;
     const int64_t nn = n * n, blocks = (M + SK_BLOCK - 1) / SK_BLOCK;
     _Pragma("omp parallel num_threads(nt) reduction(|:failed)")
@@ -419,6 +432,7 @@ void CAT(mhc_hc_forward, SUF)(const T *restrict x, const T *restrict Wt, const T
                               T *restrict h_post, T *restrict h_res, T *restrict p,
                               T *restrict inv, int64_t M, int64_t n, int64_t C, int nt)
 {
+    nt = CAT(threads_for, SUF)(M * n * C, nt);
 #define BODY(N)                                                                                \
     _Pragma("omp parallel for num_threads(nt) schedule(static)")                              \
     for (int64_t m = 0; m < M; m++)                                                            \
@@ -502,6 +516,7 @@ void CAT(mhc_hc_backward, SUF)(const T *restrict x, const T *restrict Wt, const 
                                T *restrict grad_alpha, T *restrict dp_scaled, int64_t M,
                                int64_t n, int64_t C, int nt)
 {
+    nt = CAT(threads_for, SUF)(M * n * C, nt);
 #define BODY(N)                                                                                \
     _Pragma("omp parallel for num_threads(nt) schedule(static)")                              \
     for (int64_t m = 0; m < M; m++)                                                            \
@@ -572,6 +587,7 @@ int CAT(mhc_mhc_forward, SUF)(const T *restrict x, const T *restrict raw, const 
                               T *restrict h_post, T *restrict h_res, T *restrict logits,
                               T *restrict inv, int64_t M, int64_t n, int64_t C, int nt)
 {
+    nt = CAT(threads_for, SUF)(M * n * C, nt);
     int failed = 0;
     const int64_t nn = n * n, K = 2 * n + nn, D = n * C, blocks = (M + SK_BLOCK - 1) / SK_BLOCK;
     _Pragma("omp parallel num_threads(nt) reduction(|:failed)")
@@ -657,6 +673,7 @@ int CAT(mhc_mhc_backward, SUF)(const T *restrict x, const T *restrict logits,
                                T *restrict grad_x, T *restrict dlogits, int64_t M, int64_t n,
                                int64_t C, int nt)
 {
+    nt = CAT(threads_for, SUF)(M * n * C, nt);
     int failed = 0;
     const int64_t nn = n * n, K = 2 * n + nn, D = n * C, blocks = (M + SK_BLOCK - 1) / SK_BLOCK;
     const int64_t P = (n + 1) * n;
