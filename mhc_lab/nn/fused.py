@@ -11,9 +11,9 @@ gates) into the projection, flattens the streams, and computes the norm, the coe
 pass over each token's streams (mhc_lab/nn/native/kernels_impl.h); its backward makes one
 pass too and sums the parameter gradients, the folding's included, with a few matmuls and
 reductions. mHC's projection, nC x (2n + n^2) per token, stays one matmul each way, where
-MKL's blocking wins. Before, the folding, the reshapes and the write were about twenty autograd
-nodes per layer, whose dispatch cost as much as the kernels at d_model 64 (BENCHMARKS.md,
-round 5).
+MKL's blocking wins. Before, the folding and the reshapes around the read and the write made
+10 (HC) and 15 (mHC) autograd nodes per layer, each dispatched forward and backward, where
+the layer's arithmetic at d_model 64 takes about a millisecond (BENCHMARKS.md, round 5).
 
 The values equal `HyperConnection.alpha_beta` / `ManifoldHyperConnection.coefficients`
 followed by `mixing._StreamRead` (tests/test_connections_fast.py runs every path against a
