@@ -63,6 +63,7 @@
 #define SQRT sqrtf
 #define VL 16                         /* lanes of partial sums: 64 bytes */
 #define ROUNDER 12582912.0        /* 1.5 * 2^23 */
+#define VMATH_DOUBLE 0
 #include "vmath.h"
 #include "kernels_impl.h"
 #undef T
@@ -78,6 +79,7 @@
 #undef SQRT
 #undef VL
 #undef ROUNDER
+#undef VMATH_DOUBLE
 
 #define T double
 #define SUF f64
@@ -92,5 +94,6 @@
 #define SQRT sqrt
 #define VL 8
 #define ROUNDER 6755399441055744.0 /* 1.5 * 2^52 */
+#define VMATH_DOUBLE 1
 #include "vmath.h"
 #include "kernels_impl.h"
