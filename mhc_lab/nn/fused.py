@@ -65,23 +65,19 @@ def output_grads(
 
 
 def hc_param_grads(
-    x: torch.Tensor, p: torch.Tensor, grad_alpha: torch.Tensor, dp_scaled: torch.Tensor,
-    grad_post: Optional[torch.Tensor], use_tanh: bool,
+    x: torch.Tensor, grad_alpha: torch.Tensor, dp_scaled: torch.Tensor, gate_parts: torch.Tensor,
+    grad_post: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """HC's parameter gradients from what `native.hc_backward` leaves per token: dL/dW^T
     (n + 2, C) of the folded weight, dL/dA (n, n + 1), dL/dB (n,), dL/ds_alpha, dL/ds_beta.
-    x: (..., n, C); p, dp_scaled: (..., n, n + 2); grad_alpha (..., n, n + 1)."""
+    x: (..., n, C); dp_scaled: (..., n, n + 2); grad_alpha (..., n, n + 1); gate_parts (..., 2)."""
     n, c = x.shape[-2:]
-    t = torch.tanh(p) if use_tanh else p  # (..., n, n + 2)
     # dL/dW^T = sum over tokens and streams of (inv_i dL/dp_i)^T x_i: (n + 2, C)
     grad_weight_t = dp_scaled.reshape(-1, n + 2).t() @ x.reshape(-1, c)
     grad_static_alpha = grad_alpha.reshape(-1, n, n + 1).sum(0)  # (n, n + 1)
-    grad_gate_alpha = (grad_alpha * t[..., : n + 1]).sum()
-    if grad_post is None:
-        return grad_weight_t, grad_static_alpha, x.new_zeros(n), grad_gate_alpha, x.new_zeros(())
-    grad_static_beta = grad_post.reshape(-1, n).sum(0)
-    grad_gate_beta = (grad_post * t[..., n + 1]).sum()
-    return grad_weight_t, grad_static_alpha, grad_static_beta, grad_gate_alpha, grad_gate_beta
+    grad_gates = gate_parts.reshape(-1, 2).sum(0)  # (2,): s_alpha, s_beta
+    grad_static_beta = x.new_zeros(n) if grad_post is None else grad_post.reshape(-1, n).sum(0)
+    return grad_weight_t, grad_static_alpha, grad_static_beta, grad_gates[0], grad_gates[1]
 
 
 class HcRead(torch.autograd.Function):
@@ -119,10 +115,10 @@ class HcRead(torch.autograd.Function):
         x, weight_t, dynamic, norm_weight, static_alpha, p, inv = ctx.saved_tensors
         n = x.shape[-2]
         grad_in, grad_mixed, grad_post, grad_hres = output_grads(x, grad_in, grad_mixed, grad_post, grad_hres)
-        grad_x, grad_alpha, dp_scaled = native.hc_backward(
+        grad_x, grad_alpha, dp_scaled, gate_parts = native.hc_backward(
             x, weight_t, static_alpha, *ctx.gates, ctx.use_tanh, p, inv, grad_in, grad_mixed, grad_post, grad_hres
         )
-        grad_weight_t, *static_grads = hc_param_grads(x, p, grad_alpha, dp_scaled, grad_post, ctx.use_tanh)
+        grad_weight_t, *static_grads = hc_param_grads(x, grad_alpha, dp_scaled, gate_parts, grad_post)
         grad_weight = grad_weight_t.t()  # (C, n + 2): dL/d(w * W)
         grad_dynamic = grad_weight * norm_weight.unsqueeze(-1)  # (C, n + 2)
         grad_norm_weight = (grad_weight * dynamic).sum(-1)  # (C,)

@@ -82,9 +82,9 @@ def hc_read_backward(
     x: Tensor, weight_t: Tensor, static_alpha: Tensor, gate_alpha: Tensor, gate_beta: Tensor,
     use_tanh: bool, p: Tensor, inv: Tensor, grad_in: Tensor, grad_mixed: Tensor,
     grad_post: Optional[Tensor], grad_hres: Optional[Tensor],
-) -> tuple[Tensor, Tensor, Tensor]:
-    """`native.hc_backward`: grad_x (..., n, C), the per-token dL/dalpha (..., n, n + 1) and
-    inv * dL/dp (..., n, n + 2)."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`native.hc_backward`: grad_x (..., n, C), the per-token dL/dalpha (..., n, n + 1),
+    inv * dL/dp (..., n, n + 2) and the per-token parts of dL/ds_alpha, dL/ds_beta (..., 2)."""
     return native.hc_backward(
         x.contiguous(), weight_t.contiguous(), static_alpha.contiguous(), float(gate_alpha), float(gate_beta),
         use_tanh, p.contiguous(), inv.contiguous(), grad_in.contiguous(), grad_mixed.contiguous(),
@@ -95,7 +95,7 @@ def hc_read_backward(
 @hc_read_backward.register_fake
 def _(x, weight_t, static_alpha, gate_alpha, gate_beta, use_tanh, p, inv, grad_in, grad_mixed, grad_post, grad_hres):
     *lead, n, _ = x.shape
-    return torch.empty_like(x), x.new_empty(*lead, n, n + 1), x.new_empty(*lead, n, n + 2)
+    return torch.empty_like(x), x.new_empty(*lead, n, n + 1), x.new_empty(*lead, n, n + 2), x.new_empty(*lead, 2)
 
 
 def _hc_setup(ctx, inputs, output) -> None:
@@ -108,10 +108,10 @@ def _hc_setup(ctx, inputs, output) -> None:
 def _hc_backward(ctx, grad_in, grad_mixed, grad_post, grad_hres, _grad_p, _grad_inv):
     x, weight_t, static_alpha, gate_alpha, gate_beta, p, inv = ctx.saved_tensors
     grad_in, grad_mixed, grad_post, grad_hres = output_grads(x, grad_in, grad_mixed, grad_post, grad_hres)
-    grad_x, grad_alpha, dp_scaled = hc_read_backward(
+    grad_x, grad_alpha, dp_scaled, gate_parts = hc_read_backward(
         x, weight_t, static_alpha, gate_alpha, gate_beta, ctx.use_tanh, p, inv, grad_in, grad_mixed, grad_post, grad_hres
     )
-    grad_weight_t, *rest = hc_param_grads(x, p, grad_alpha, dp_scaled, grad_post, ctx.use_tanh)
+    grad_weight_t, *rest = hc_param_grads(x, grad_alpha, dp_scaled, gate_parts, grad_post)
     return (grad_x, grad_weight_t, *rest, None, None)
 
 

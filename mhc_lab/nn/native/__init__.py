@@ -123,7 +123,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"mhc_hc_forward_{suffix}").argtypes = [
             p, p, p, p, f64, f64, i32, f64, p, p, p, p, p, p, i64, i64, i64, i32]
         getattr(lib, f"mhc_hc_backward_{suffix}").argtypes = [
-            p, p, p, f64, f64, i32, p, p, p, p, p, p, p, p, p, i64, i64, i64, i32]
+            p, p, p, f64, f64, i32, p, p, p, p, p, p, p, p, p, p, i64, i64, i64, i32]
         getattr(lib, f"mhc_mhc_forward_{suffix}").argtypes = [
             p, p, p, f64, i64, p, p, p, p, p, p, i64, i64, i64, i32]
         getattr(lib, f"mhc_mhc_backward_{suffix}").argtypes = [
@@ -317,18 +317,20 @@ def hc_backward(
     x: torch.Tensor, weight_t: torch.Tensor, static_alpha: torch.Tensor, gate_alpha: float,
     gate_beta: float, use_tanh: bool, p: torch.Tensor, inv: torch.Tensor, grad_in: torch.Tensor,
     grad_mixed: torch.Tensor, grad_post: Optional[torch.Tensor], grad_hres: Optional[torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of `hc_forward` in one pass: grad_x (*lead, n, C), the per-token gradient of
-    alpha (*lead, n, n + 1) and inv * dL/dp (*lead, n, n + 2), from which the caller sums the
-    parameter gradients."""
+    alpha (*lead, n, n + 1), inv * dL/dp (*lead, n, n + 2) and each token's parts of
+    dL/ds_alpha and dL/ds_beta (*lead, 2), from which the caller sums the parameter
+    gradients."""
     lead, m, n, c = _streams(x)
     grad_x, grad_alpha, dp_scaled = torch.empty_like(x), x.new_empty(*lead, n, n + 1), x.new_empty(*lead, n, n + 2)
+    gate_parts = x.new_empty(*lead, 2)
     fn = _kernel("mhc_hc_backward", {"x": (x, (*lead, n, c)), "weight_t": (weight_t, (n + 2, c)), "static_alpha": (static_alpha, (n, n + 1)), "p": (p, (*lead, n, n + 2)), "inv": (inv, (*lead, n)), "grad_in": (grad_in, (*lead, c)), "grad_mixed": (grad_mixed, (*lead, n, c)), "grad_post": (grad_post, (*lead, n)), "grad_hres": (grad_hres, (*lead, n, n))}, streams=n)
     fn(x.data_ptr(), weight_t.data_ptr(), static_alpha.data_ptr(), gate_alpha, gate_beta, int(use_tanh),
        p.data_ptr(), inv.data_ptr(), grad_in.data_ptr(), grad_mixed.data_ptr(), _ptr(grad_post),
-       _ptr(grad_hres), grad_x.data_ptr(), grad_alpha.data_ptr(), dp_scaled.data_ptr(), m, n, c,
-       torch.get_num_threads())
-    return grad_x, grad_alpha, dp_scaled
+       _ptr(grad_hres), grad_x.data_ptr(), grad_alpha.data_ptr(), dp_scaled.data_ptr(),
+       gate_parts.data_ptr(), m, n, c, torch.get_num_threads())
+    return grad_x, grad_alpha, dp_scaled, gate_parts
 
 
 def mhc_forward(

@@ -449,6 +449,8 @@ void CAT(mhc_hc_forward, SUF)(const T *restrict x, const T *restrict Wt, const T
  *   dt_i = s_a * dalpha_i | s_b * g_post_i,  dp_i = dt_i * (1 - t_i^2) (tanh) or dt_i
  *   dp_scaled_i = inv_i * dp_i                      (for dL/dW = sum x_i^T dp_scaled_i)
  *   grad_x_j = sum_q R[q][j] gy_q + Wt^T dp_scaled_j - x_j * inv_j^2 / C * <dp_j, p_j>
+ *   gate_parts = (sum_{i, q} dalpha_i[q] t_i[q], sum_i g_post_i t_i[n + 1]): the token's parts
+ *   of dL/ds_alpha and dL/ds_beta
  * One pass over the token's streams and their gradients. */
 INLINE void CAT(hc_backward_token, SUF)(const T *restrict x, const T *restrict Wt,
                                         const T *restrict A, const T s_a, const T s_b,
@@ -457,9 +459,10 @@ INLINE void CAT(hc_backward_token, SUF)(const T *restrict x, const T *restrict W
                                         const T *restrict g_mix, const T *restrict g_post,
                                         const T *restrict g_hres, T *restrict grad_x,
                                         T *restrict grad_alpha, T *restrict dp_scaled,
-                                        const int64_t n, const int64_t C)
+                                        T *restrict gate_parts, const int64_t n, const int64_t C)
 {
     const int64_t K = n + 2;
+    T ga = 0, gb = 0; /* this token's parts of dL/ds_alpha and dL/ds_beta */
     T R[(MAX_N + 1) * MAX_N], dR[(MAX_N + 1) * MAX_N], coef[MAX_N];
     const T *gy[MAX_N + 1];
     gy[0] = g_in;
@@ -481,8 +484,10 @@ INLINE void CAT(hc_backward_token, SUF)(const T *restrict x, const T *restrict W
             if (k <= n) {
                 R[k * n + i] = A[i * (n + 1) + k] + s_a * t;
                 grad_alpha[i * (n + 1) + k] = dR[k * n + i];
+                ga += dR[k * n + i] * t;
                 dt = s_a * dR[k * n + i];
             } else {
+                gb += g_post ? g_post[i] * t : 0;
                 dt = g_post ? s_b * g_post[i] : 0;
             }
             const T dp = use_tanh ? dt * (1 - t * t) : dt;
@@ -491,6 +496,8 @@ INLINE void CAT(hc_backward_token, SUF)(const T *restrict x, const T *restrict W
         }
         coef[i] = -sdp * inv[i] * inv[i] / (T)C;
     }
+    gate_parts[0] = ga;
+    gate_parts[1] = gb;
     for (int64_t j = 0; j < n; j++) {
         T r[MAX_N + 1], w[MAX_N + 2];
         for (int64_t q = 0; q <= n; q++) r[q] = R[q * n + j];
@@ -507,14 +514,14 @@ INLINE void CAT(hc_backward_token, SUF)(const T *restrict x, const T *restrict W
     }
 }
 
-/* grad_x (M, n, C), grad_alpha (M, n, n + 1), dp_scaled (M, n, K) out. */
+/* grad_x (M, n, C), grad_alpha (M, n, n + 1), dp_scaled (M, n, K), gate_parts (M, 2) out. */
 void CAT(mhc_hc_backward, SUF)(const T *restrict x, const T *restrict Wt, const T *restrict A,
                                double s_a, double s_b, int use_tanh, const T *restrict p,
                                const T *restrict inv, const T *restrict g_in,
                                const T *restrict g_mix, const T *restrict g_post,
                                const T *restrict g_hres, T *restrict grad_x,
-                               T *restrict grad_alpha, T *restrict dp_scaled, int64_t M,
-                               int64_t n, int64_t C, int nt)
+                               T *restrict grad_alpha, T *restrict dp_scaled,
+                               T *restrict gate_parts, int64_t M, int64_t n, int64_t C, int nt)
 {
     nt = CAT(threads_for, SUF)(M * n * C, nt);
 #define BODY(N)                                                                                \
@@ -525,7 +532,7 @@ void CAT(mhc_hc_backward, SUF)(const T *restrict x, const T *restrict Wt, const 
                                     g_mix + m * N * C, g_post ? g_post + m * N : NULL,          \
                                     g_hres ? g_hres + m * N * N : NULL, grad_x + m * N * C,     \
                                     grad_alpha + m * N * (N + 1), dp_scaled + m * N * (N + 2),  \
-                                    N, C)
+                                    gate_parts + 2 * m, N, C)
     DISPATCH_N(n, BODY)
 #undef BODY
 }
