@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .experiment.config import ExperimentConfig
@@ -30,7 +31,7 @@ err_console = Console(stderr=True)
 
 def fail(error: MhcLabError) -> None:
     """Print one line and exit with the error's code (no traceback)."""
-    err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
     raise typer.Exit(error.exit_code)
 
 
@@ -225,39 +226,99 @@ def _say(line: str) -> None:
     console.print(line, style="dim" if line.startswith("skipped") else None, highlight=False, soft_wrap=True)
 
 
+COMPARE_HELP = " Several folders are compared, into --out."
+OUT_NEEDED = "comparing several folders needs --out DIR: where the comparison goes (no folder is its home)"
+
+
 @app.command()
 def plot(
-    results: Annotated[Optional[Path], typer.Argument(help=RESULTS_HELP, show_default=False)] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Write the figures here instead of RESULTS/figures.")] = None,
+    results: Annotated[
+        Optional[list[Path]], typer.Argument(help=RESULTS_HELP + COMPARE_HELP, show_default=False)
+    ] = None,
+    out: Annotated[
+        Optional[Path], typer.Option(help="Write the figures here instead of RESULTS/figures; required with several folders.")
+    ] = None,
     format_: Annotated[FigureFormat, typer.Option("--format", help="Image format.")] = FigureFormat.png,
+    smooth: Annotated[
+        Optional[int],
+        typer.Option(min=0, help="Moving average of the loss and gradient-norm curves over this many logged "
+                     "steps, the raw curves faint; 0 = raw only. Default: automatic (runs of 500+ logged "
+                     "steps get a fiftieth of their length).", show_default=False),
+    ] = None,
 ) -> None:
-    """Draw the paper's figures from a results folder (reads the results, never trains).
+    """Draw the paper's figures from a results folder, or overlay several folders' runs
+    (reads the results, never trains).
 
     Example: mhc-lab plot results/smoke --format svg
+
+    Example: mhc-lab plot results/growth --smooth 50
+
+    Example: mhc-lab plot results/divergence results/divergence-native --out comparison
     """
+    if results and len(results) > 1:
+        from .analysis.compare import open_comparison
+        from .analysis.plots.compare import plot_comparison
+
+        try:
+            if out is None:
+                raise MhcLabError(OUT_NEEDED)
+            comp = open_comparison(results)
+        except MhcLabError as exc:
+            fail(exc)
+        result = plot_comparison(comp.views, comp.labels, out, format_.value, on_event=_say)
+        console.print(f"{len(result.written)} comparison figures written, {len(result.skipped)} skipped ({out})",
+                      highlight=False, soft_wrap=True)
+        return
     from .analysis.plots import plot_experiment
 
     try:
-        view = _results_view(results)
+        view = _results_view(results[0] if results else None)
     except MhcLabError as exc:
         fail(exc)
-    result = plot_experiment(view, out, format_.value, on_event=_say)
+    result = plot_experiment(view, out, format_.value, on_event=_say, smooth=smooth)
     console.print(f"{len(result.written)} figures written, {len(result.skipped)} skipped ({view.store.root})",
                   highlight=False, soft_wrap=True)
 
 
 @app.command()
 def report(
-    results: Annotated[Optional[Path], typer.Argument(help=RESULTS_HELP, show_default=False)] = None,
+    results: Annotated[
+        Optional[list[Path]], typer.Argument(help=RESULTS_HELP + COMPARE_HELP, show_default=False)
+    ] = None,
+    out: Annotated[
+        Optional[Path],
+        typer.Option(help="Several folders: write OUT/REPORT.md and OUT/figures/ (required with several; "
+                     "one folder's report is always RESULTS/REPORT.md)."),
+    ] = None,
 ) -> None:
-    """Write RESULTS/REPORT.md: experiment, environment, runs, gains against the paper, figures.
+    """Write RESULTS/REPORT.md: experiment, environment, runs, gains against the paper, figures;
+    with several folders, one comparison of the runs they share.
 
     Example: mhc-lab report results/smoke
+
+    Example: mhc-lab report results/divergence results/divergence-native --out comparison
     """
+    if results and len(results) > 1:
+        from .analysis.compare import open_comparison, write_comparison_report
+
+        try:
+            if out is None:
+                raise MhcLabError(OUT_NEEDED)
+            comp = open_comparison(results)
+        except MhcLabError as exc:
+            fail(exc)
+        written = write_comparison_report(comp, out)
+        console.print(written.table.rich())
+        for line in written.reading:
+            console.print(f"- {line}", highlight=False)
+        console.print(f"wrote {written.path} ({len(written.figures.written)} figures)", highlight=False, soft_wrap=True)
+        return
     from .analysis.report import write_report
 
     try:
-        view = _results_view(results)
+        if out is not None:
+            raise MhcLabError("--out is for comparing several folders; one folder's report is RESULTS/REPORT.md")
+        view = _results_view(results[0] if results else None)
     except MhcLabError as exc:
         fail(exc)
     result = write_report(view)

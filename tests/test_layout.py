@@ -13,6 +13,7 @@ LAYOUT = (ROOT / "docs" / "architecture.md").read_text()
 LOWER = {
     "cli": {"experiment", "nn", "probe", "training", "store", "launch", "analysis", "bench", "errors"},
     "bench": {"experiment", "nn", "errors"},
+    "results": {"analysis", "errors"},
     "analysis": {"experiment", "probe", "store", "errors"},
     "launch": {"experiment", "training", "store", "errors"},
     "training": {"experiment", "nn", "probe", "store", "errors"},

@@ -100,3 +100,33 @@ def test_shipped_experiments_validate():
 
     for path in sorted((ROOT / "experiments").glob("*.yaml")):
         assert load_experiment(path).runs, path
+
+
+def _half_unit(printed: str) -> float:
+    mantissa, _, exponent = printed.lower().partition("e")
+    return 10.0 ** (int(exponent or 0) - len(mantissa.partition(".")[2])) / 2
+
+
+def test_readme_results_example_prints_the_headline_table(monkeypatch, capsys):
+    """The five-line pandas example prints the numbers of README's headline table."""
+    pytest.importorskip("pandas", reason='pandas not installed (pip install -e ".[pandas]")')
+    example = next(b for b in re.findall(r"```python\n(.*?)```", README, flags=re.S) if "results.load" in b)
+    assert len(example.strip().splitlines()) <= 5
+    monkeypatch.chdir(ROOT)
+    exec(example, {})
+    header, *lines = capsys.readouterr().out.splitlines()
+    columns = header.split()
+    printed = {(cells[0], int(cells[1])): dict(zip(columns, cells)) for cells in (line.split() for line in lines)}
+    assert len(printed) == 9
+    text = README[README.index("experiments/divergence.yaml"):]
+    for conn, seed, fwd, bwd, where, growth, grad, rise, val, wall in _headline_rows(text[: text.index("Peak gains are")]):
+        row = printed[(NAMES[conn], int(seed))]
+        top, top_step, median = re.fullmatch(r"(\S+) \((\d+)\) / (\S+)", grad).groups()
+        size, rise_step = re.fullmatch(r"(\S+) \((\d+)\)", rise).groups()
+        assert where == f"{row['max_gain_step']} / {row['max_gain_layer']}", (conn, seed)
+        assert top_step == row["max_grad_norm_step"] and rise_step == row["max_loss_rise_step"], (conn, seed)
+        for ours, column in ((fwd, "max_gain_fwd"), (bwd, "max_gain_bwd"), (growth, "max_signal_growth"),
+                             (top, "max_grad_norm"), (median, "median_grad_norm"), (size, "max_loss_rise"),
+                             (val, "final_val_loss"), (wall, "wall_s")):
+            shown = row[column]
+            assert abs(float(ours) - float(shown)) <= _half_unit(ours) + _half_unit(shown), (conn, seed, column, shown)

@@ -37,7 +37,8 @@ def test_report_holds_experiment_environment_and_run_table(sweep_report):
 def test_report_compares_gains_with_the_paper(sweep_report):
     _, text, output = sweep_report
     section = text.split("## Peak gain: measured vs the paper")[1].split("## Figures")[0]
-    for name, paper in (("residual", "1 (by construction)"), ("HC", "≈ 3000"), ("mHC", "≤ ≈ 1.6")):
+    for name, paper in (("residual", "1 (by construction)"), ("HC", "≈ 3000"),
+                        ("mHC", "≤ ≈ 1.6 (forward 1 by construction)")):
         assert re.search(rf"^\| {name} \|.*\| {re.escape(paper)} \|$", section, re.M), name
     assert "HC" in output and "≈ 3000" in output  # the key table on the terminal
 
@@ -99,7 +100,7 @@ def test_report_names_a_dead_run(tmp_path, tmp_path_factory):
 def test_report_links_every_figure_relatively(sweep_report):
     folder, text, _ = sweep_report
     figures = sorted(p.name for p in (folder / "figures").glob("*.png"))
-    assert len(figures) == 6
+    assert len(figures) == 7 and "constraint_health.png" in figures
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert sorted(links) == [f"figures/{name}" for name in figures]
     assert "sweep_heatmap: no two numeric settings" in text  # the skipped figure is named

@@ -75,6 +75,21 @@ def test_two_workers_leave_the_files_of_one(tmp_path, reference):
     assert again.exit_code == 0 and "2 already done" in again.output
 
 
+def test_without_fixed_threads_workers_agree_to_float_rounding(tmp_path):
+    """train.threads null: a run gets the threads its launcher gives it (every core with one
+    worker, cores / 2 with two), and reductions sum in another order. docs/scaling-out.md
+    states the consequence: equal to float rounding here, bit-identical only with
+    train.threads set (test_two_workers_leave_the_files_of_one)."""
+    exp = two_run_experiment(tmp_path, train={"steps": 6, "batch_size": 4, "threads": None})
+    assert cli("run", exp, "--out", tmp_path / "one").exit_code == 0
+    assert cli("run", exp, "--out", tmp_path / "two", "--workers", "2").exit_code == 0
+    one, two = _csv_rows(tmp_path / "one" / "tiny"), _csv_rows(tmp_path / "two" / "tiny")
+    assert [r["run_id"] for r in one] == [r["run_id"] for r in two]
+    for a, b in zip(one, two):
+        for key in ("final_loss", "final_val_loss", "max_gain_fwd", "max_gain_bwd"):
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-5), (a["run_id"], key)
+
+
 class _InterruptAt:
     """Raises KeyboardInterrupt (as Ctrl-C would) when the given run reaches the given step."""
 

@@ -23,7 +23,7 @@ from ..probe.constraint import BOUND, BoundBreakers, bound_breakers
 from ..store import as_float
 from .view import ExperimentView, RunView
 
-CONSTRAINED = ("mhc", "mhc_lite", "kromhc", "ortho")  # H_res meant to be doubly stochastic
+CONSTRAINED = ("mhc", "mhc_tol", "mhc_lite", "kromhc", "ortho")  # H_res meant to be doubly stochastic
 PAPER_HC_GAIN = 3000.0
 
 

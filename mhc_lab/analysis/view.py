@@ -26,6 +26,9 @@ from ..experiment.config import CONNECTIONS, IRRELEVANT_MODEL_FIELDS
 from ..store import ExperimentStore, RunFiles, StoreError, as_float, open_results, read_jsonl, peak_gain
 
 CONNECTION = "model.connection"
+TOLERANCE = "model.sinkhorn_tol"
+# The series runs are drawn in: the connections, with mHC to a tolerance its own series.
+SERIES: tuple[str, ...] = (*CONNECTIONS[:3], "mhc_tol", *CONNECTIONS[3:])
 SEED = "seed"
 DEPTH = "model.depth"
 # Keys that never make a run different from the science's point of view.
@@ -106,8 +109,18 @@ class RunView:
         return self.status == "failed"
 
     @property
-    def connection(self) -> str:
+    def model_connection(self) -> str:
+        """`model.connection` of the run: residual, hc, mhc, mhc_lite, kromhc or ortho."""
         return self.summary.get("connection") or self.config.get(CONNECTION, "?")
+
+    @property
+    def connection(self) -> str:
+        """The series the run is drawn and tabulated in: its `model.connection`, except that
+        mHC iterated to a tolerance (model.sinkhorn_tol set) is its own series, `mhc_tol`."""
+        conn = self.model_connection
+        if conn == "mhc" and self.config.get(TOLERANCE) is not None:
+            return "mhc_tol"
+        return conn
 
     @property
     def seed(self) -> int:
@@ -116,7 +129,7 @@ class RunView:
     def setting(self, key: str) -> Any:
         """The run's value of a dotted config key; None where its connection ignores it."""
         section, _, name = key.partition(".")
-        if section == "model" and name in IRRELEVANT_MODEL_FIELDS.get(self.connection, ()):
+        if section == "model" and name in IRRELEVANT_MODEL_FIELDS.get(self.model_connection, ()):
             return None
         return self.config.get(key)
 
@@ -272,8 +285,9 @@ class ExperimentView:
 
     @property
     def connections(self) -> list[str]:
+        """The series present (`RunView.connection`), in the fixed order of SERIES."""
         present = {r.connection for r in self.plottable}
-        return [c for c in CONNECTIONS if c in present]
+        return [c for c in SERIES if c in present]
 
     @property
     def seeds(self) -> list[int]:
@@ -288,7 +302,7 @@ class ExperimentView:
         axes = {}
         for key in keys:
             values = _distinct(r.setting(key) for r in runs)
-            if len(values) > 1:
+            if len(values) > 1 and not _follows_series(runs, key):
                 axes[key] = values
         return dict(sorted(axes.items(), key=lambda kv: (kv[0] != DEPTH, kv[0])))
 
@@ -335,9 +349,21 @@ def matches(run: RunView, settings: dict[str, Any]) -> bool:
 def group_runs(runs: Iterable[RunView], keys: list[str]) -> dict[tuple, list[RunView]]:
     """Runs grouped by (connection, values of `keys`), in connection order."""
     groups: dict[tuple, list[RunView]] = {}
-    for run in sorted(runs, key=lambda r: CONNECTIONS.index(r.connection) if r.connection in CONNECTIONS else 99):
+    for run in sorted(runs, key=lambda r: SERIES.index(r.connection) if r.connection in SERIES else 99):
         groups.setdefault((run.connection, *(run.setting(k) for k in keys)), []).append(run)
     return groups
+
+
+def _follows_series(runs: list[RunView], key: str) -> bool:
+    """Whether a setting only tells the series apart (one value per series, more than one
+    series): e.g. sinkhorn_iters 20 for mhc and 200 for mhc_tol. Such a key is no axis: the
+    series already draws it apart. A setting that varies within a series is an axis."""
+    per_series: dict[str, set] = {}
+    for run in runs:
+        value = run.setting(key)
+        if value is not None:
+            per_series.setdefault(run.connection, set()).add(repr(value))
+    return len(per_series) > 1 and all(len(v) == 1 for v in per_series.values())
 
 
 def _distinct(values: Iterable[Any]) -> list:

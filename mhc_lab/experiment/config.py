@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Connection = Literal["residual", "hc", "mhc", "mhc_lite", "kromhc", "ortho"]
 CONNECTIONS: tuple[str, ...] = ("residual", "hc", "mhc", "mhc_lite", "kromhc", "ortho")
@@ -301,6 +301,47 @@ class LauncherConfig(Section):
     )
 
 
+class WandbConfig(Section):
+    """Weights & Biases: one W&B run per mhc-lab run (training/loggers/wandb_logger.py)."""
+
+    project: str = Field("mhc-lab", min_length=1, description="W&B project.")
+    entity: Optional[str] = Field(None, description="W&B entity (user or team); null = your default.")
+    mode: Literal["online", "offline"] = Field(
+        "offline",
+        description="`offline`: write under <run>/wandb/ only (upload later with `wandb sync`); "
+        "`online`: stream to the W&B server.",
+    )
+    tags: list[str] = Field(
+        default_factory=list, description="Extra tags; the run's connection is always one."
+    )
+
+
+class LoggingConfig(Section):
+    """Live logging to W&B and TensorBoard, beside the results folder (which stays the source
+    of truth). Never part of a run's id or of resolved.yaml, like `launcher`."""
+
+    wandb: Optional[WandbConfig] = Field(
+        None,
+        description="W&B settings; null = off, `true` or `{}` = on with the defaults below "
+        "(`pip install -e \".[wandb]\"`).",
+    )
+    tensorboard: bool = Field(
+        False,
+        description="Write TensorBoard event files under <run>/tb/; `tensorboard --logdir "
+        "results/<name>` shows the sweep (`pip install -e \".[tensorboard]\"`).",
+    )
+
+    @field_validator("wandb", mode="before")
+    @classmethod
+    def _wandb_switch(cls, value: Any) -> Any:
+        """`wandb: true` = on with the defaults, `wandb: false` = off."""
+        if value is True:
+            return {}
+        if value is False:
+            return None
+        return value
+
+
 class ExperimentConfig(RunConfig):
     """An experiment file: a named base run config and a sweep over it."""
 
@@ -314,10 +355,12 @@ class ExperimentConfig(RunConfig):
     description: str = Field("", description="Free text, copied into the report.")
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     launcher: LauncherConfig = Field(default_factory=LauncherConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     def base_run(self) -> dict[str, Any]:
-        """The base run config as a plain dict (without name, description, sweep and launcher)."""
-        return self.model_dump(exclude={"name", "description", "sweep", "launcher"})
+        """The base run config as a plain dict (without name, description, sweep, launcher and
+        logging)."""
+        return self.model_dump(exclude={"name", "description", "sweep", "launcher", "logging"})
 
 
 # Fields that do not change a run of the given connection; left out of its run_id hash.
@@ -335,13 +378,15 @@ LATER_FIELDS: dict[str, Any] = {"model.sinkhorn_tol": None, "data.val_split": "t
 def reference_markdown() -> str:
     """The experiment-file reference as Markdown tables (docs/experiment-file.md embeds this verbatim)."""
     sections = [
-        ("top level", ExperimentConfig, ("data", "model", "train", "probe", "sweep", "launcher")),
+        ("top level", ExperimentConfig, ("data", "model", "train", "probe", "sweep", "launcher", "logging")),
         ("data", DataConfig, ()),
         ("model", ModelConfig, ()),
         ("train", TrainConfig, ()),
         ("probe", ProbeConfig, ()),
         ("sweep", SweepConfig, ()),
         ("launcher", LauncherConfig, ()),
+        ("logging", LoggingConfig, ()),
+        ("logging.wandb", WandbConfig, ()),
     ]
     lines: list[str] = []
     for title, cls, skip in sections:

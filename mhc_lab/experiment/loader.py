@@ -227,8 +227,9 @@ def dump_resolved(exp: Experiment) -> str:
 
     `launcher` is left out: it says where runs train (this machine, N workers, Slurm), not
     what they compute, so switching launchers keeps a folder's results instead of asking for
-    --fresh. Run ids never depend on it either (they hash run configs only).
+    --fresh; `logging` likewise (where the numbers are also sent). Run ids never depend on
+    either (they hash run configs only).
     """
-    return yaml.safe_dump(exp.config.model_dump(mode="json", exclude={"launcher"}), sort_keys=False)
+    return yaml.safe_dump(exp.config.model_dump(mode="json", exclude={"launcher", "logging"}), sort_keys=False)
 
 

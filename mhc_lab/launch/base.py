@@ -34,6 +34,7 @@ from typing import Iterator, Optional, Protocol
 from ..experiment.loader import Experiment, dump_resolved
 from ..experiment.sweep import PlannedRun
 from ..store import ExperimentStore, StoreError, atomic_write_text, exclusive_lock
+from ..training.loggers import require_installed
 from ..training.runner import plan_sweep
 from .inflight import live_job_runs, read_jobs
 
@@ -126,6 +127,7 @@ def open_store(exp: Experiment, out: Path, fresh: bool = False) -> Iterator[Expe
     description): the new runs join the old."""
     out = Path(out)
     store = ExperimentStore(out / exp.config.name)
+    require_installed(exp.config.logging)  # an enabled W&B / TensorBoard must be there first
     with lock_folder(out, exp.config.name):
         resolved = dump_resolved(exp)
         if fresh and store.root.exists():

@@ -58,9 +58,12 @@ class _NoLog:
 class DataParallelTrainer(Trainer):
     """trainer.Trainer over all ranks of the default process group (see the module docstring)."""
 
-    def __init__(self, cfg: RunConfig, files: RunFiles, base_dir: Optional[Path] = None, progress=None) -> None:
+    def __init__(
+        self, cfg: RunConfig, files: RunFiles, base_dir: Optional[Path] = None, progress=None, logger=None
+    ) -> None:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        super().__init__(cfg, files, base_dir, progress if self.rank == 0 else None)
+        zero = self.rank == 0  # progress and live logging: rank 0 alone
+        super().__init__(cfg, files, base_dir, progress if zero else None, logger if zero else None)
         if cfg.train.batch_size % self.world:
             raise ValueError(
                 f"train.batch_size ({cfg.train.batch_size}) must be divisible by the number of "
@@ -110,9 +113,12 @@ class DataParallelTrainer(Trainer):
         return summary
 
 
-def train_data_parallel(cfg: RunConfig, files: RunFiles, base_dir: Optional[Path] = None, progress=None) -> dict:
-    """trainer.train_run over all ranks (every rank calls it; rank 0's summary is the run's)."""
-    return DataParallelTrainer(cfg, files, base_dir, progress).run()
+def train_data_parallel(
+    cfg: RunConfig, files: RunFiles, base_dir: Optional[Path] = None, progress=None, logger=None
+) -> dict:
+    """trainer.train_run over all ranks (every rank calls it; rank 0's summary is the run's,
+    and only rank 0 gets a `logger`, from execute_run)."""
+    return DataParallelTrainer(cfg, files, base_dir, progress, logger).run()
 
 
 class TorchrunLauncher(Launcher):
@@ -250,6 +256,7 @@ def launch(
 def main(argv: Optional[list[str]] = None) -> int:
     """The torchrun entry point; rank 0 prints progress and the summary table."""
     from rich.console import Console
+    from rich.markup import escape
 
     from .progress import PlainReporter, summary_table
 
@@ -261,7 +268,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         exp, outcome = launch(args.file, args.out, overrides, args.runs, args.fresh, PlainReporter(console))
     except MhcLabError as exc:
         if rank == 0 or isinstance(exc, RunFailed):
-            Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            Console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return exc.exit_code
     if rank == 0:
         console.print(summary_table(outcome.summaries, title=f"{exp.config.name} ({args.out / exp.config.name})"))

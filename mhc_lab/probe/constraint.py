@@ -16,8 +16,9 @@ Per probe and layer (`hres_statistics`, `constraint_statistics`):
   max for every token) and `sinkhorn_unconverged` (the share of tokens still outside tol).
 
 `bound_breakers` reads a run's saved H_res (hres.npz) and names the layers whose single-layer
-backward gain is largest, with the composite backward gain once those layers are replaced by
-the identity: the cause of a violated bound, read off the matrices.
+backward gain is largest (every layer with a column summing past 1.5, then more while the
+composite is above the bound), with the composite backward gain once those layers are
+replaced by the identity: the cause of a violated bound, read off the matrices.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .gain import backward_composites, matrix_gain
 
 SLOW_SPREAD = 30.0  # logit spread above which 20 Sinkhorn iterations converge slowly
 BOUND = 1.6  # the mHC paper's largest composite gain (27B model)
+FAILED_LAYER = 1.5  # a single layer with a column summing past this has clearly failed its constraint
 
 
 def hres_statistics(hres: torch.Tensor) -> dict[str, list[float]]:
@@ -91,9 +93,11 @@ def composite_backward_peak(h: torch.Tensor) -> float:
     return float(matrix_gain(backward_composites(h), "bwd", "amax").mean(dim=1).max())
 
 
-def bound_breakers(hres, bound: float = BOUND, most: int = 5) -> BoundBreakers:
-    """Replace layers by the identity, largest single-layer backward gain (max over tokens)
-    first, until the composite backward gain is within `bound` or `most` layers are replaced.
+def bound_breakers(hres, bound: float = BOUND, most: int = 5, failed: float = FAILED_LAYER) -> BoundBreakers:
+    """The layers that break a composite backward bound: every layer whose single-layer
+    backward gain (max over tokens) exceeds `failed` (a column summing to 1.5 or more: the
+    constraint clearly failed there), largest first, then, while the composite is still above
+    `bound`, the next largest; at most `most` layers, each replaced by the identity.
     hres: (L, T, n, n) array or tensor (computed in float64)."""
     h = torch.as_tensor(hres).to(torch.float64).clone()
     single = matrix_gain(h, "bwd", "amax").amax(dim=1)  # (L,): max over tokens
@@ -102,7 +106,7 @@ def bound_breakers(hres, bound: float = BOUND, most: int = 5) -> BoundBreakers:
     chosen: list[int] = []
     eye = torch.eye(h.shape[-1], dtype=h.dtype)
     for layer in order[:most]:
-        if after <= bound:
+        if single[layer] <= failed and after <= bound:
             break
         h[layer] = eye
         chosen.append(layer)

@@ -17,6 +17,7 @@ import yaml
 from ..experiment.loader import Experiment
 from ..experiment.sweep import PlannedRun
 from ..store import ExperimentStore, RunFiles, atomic_write_text
+from .loggers import open_logger
 from .trainer import config_columns, train_run
 
 DONE = ("completed", "diverged")
@@ -48,14 +49,18 @@ def execute_run(
     exp: Experiment, run: PlannedRun, files: RunFiles, progress, train: Callable[..., dict] = train_run
 ) -> dict:
     """Train one run into `files` with `train` (trainer.train_run, or the data-parallel trainer
-    of launch/torchrun.py); an exception becomes status `failed` with its message."""
+    of launch/torchrun.py); an exception becomes status `failed` with its message. The
+    experiment's `logging` backends (training/loggers/) mirror the run live, in this process
+    only (rank 0 under torchrun); a backend's failure never fails the run."""
     files.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(files.config, yaml.safe_dump(run.config.model_dump(mode="json"), sort_keys=False))
+    config = run.config.model_dump(mode="json")
+    atomic_write_text(files.config, yaml.safe_dump(config, sort_keys=False))
     if not files.checkpoint.exists():  # nothing to resume: start the logs afresh
         for stale in (files.metrics, files.probes, files.error, files.hres):
             stale.unlink(missing_ok=True)
+    logger = open_logger(exp.config.logging, exp.config.name, run.run_id, config, run.config.model.connection, files)
     try:
-        summary = train(run.config, files, exp.base_dir, progress)
+        summary = train(run.config, files, exp.base_dir, progress, logger=logger)
     except Exception as exc:  # a run that raises is a result too: recorded, sweep goes on
         atomic_write_text(files.error, traceback.format_exc())
         summary = {
@@ -63,8 +68,12 @@ def execute_run(
             "status": "failed",
             "reason": f"{type(exc).__name__}: {exc}".splitlines()[0],
         }
+    except BaseException:  # interrupted: the checkpoint stays, and so does the W&B run
+        logger.finish(None)
+        raise
     summary["overrides"] = run.overrides
     files.write_summary(summary)
     if summary["status"] in DONE:
         files.checkpoint.unlink(missing_ok=True)
+    logger.finish(summary)
     return summary

@@ -26,6 +26,7 @@ from .data import Corpus, load_corpus, probe_sequence, training_batch, validatio
 from ..probe.constraint import constraint_statistics, hres_statistics
 from ..probe.gain import gain_metrics
 from ..nn.model import LanguageModel, build_model
+from .loggers import MetricLogger
 from .schedule import learning_rate
 from ..store import JsonlWriter, RunFiles, atomic_write_bytes, truncate_jsonl
 
@@ -122,10 +123,12 @@ class Trainer:
         files: RunFiles,
         base_dir: Optional[Path] = None,
         progress: Optional[ProgressCallback] = None,
+        logger: Optional[MetricLogger] = None,
     ) -> None:
         self.cfg = cfg
         self.files = files
         self.progress = progress or (lambda event: None)
+        self.logger = logger or MetricLogger()  # live logging (W&B, TensorBoard): loggers/
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.device = pick_device(cfg.train.device)
@@ -203,6 +206,7 @@ class Trainer:
         record = {"step": step, "val_loss": val_loss, **metrics, "hres": constraint,
                   "stream_rms": streams.tolist(), "signal_growth": signal}
         writer.write(record)
+        self.logger.log_probe(record)
         return record
 
     def train_step(self, step: int) -> tuple[float, float, float]:
@@ -256,6 +260,7 @@ class Trainer:
     def run(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         self.load_checkpoint()
+        self.logger.start(self.state.step)
         metrics = self.open_log(self.files.metrics)
         probes = self.open_log(self.files.probes)
         status, reason, diverged_step = "completed", None, None
@@ -282,11 +287,13 @@ class Trainer:
                 self.state.last_loss = loss
                 reason = self.divergence(loss, grad_norm)
                 if step % t.log_every == 0 or step == t.steps - 1 or reason is not None:
-                    metrics.write({
+                    line = {
                         "step": step, "loss": loss, "grad_norm": grad_norm,
                         "lr": learning_rate(t, step),
                         "tokens_per_s": t.batch_size * t.seq_len / max(seconds, 1e-9),
-                    })
+                    }
+                    metrics.write(line)
+                    self.logger.log_step(line)
                 self.progress({"event": "step", "step": step, "loss": loss, "grad_norm": grad_norm})
                 if reason is not None:
                     status, diverged_step = "diverged", step
@@ -354,8 +361,10 @@ def train_run(
     files: RunFiles,
     base_dir: Optional[Path] = None,
     progress: Optional[ProgressCallback] = None,
+    logger: Optional[MetricLogger] = None,
 ) -> dict:
-    """Train one run into `files` and return its summary (status completed or diverged)."""
-    return Trainer(cfg, files, base_dir, progress).run()
+    """Train one run into `files` and return its summary (status completed or diverged);
+    `logger` mirrors its metrics and probes live (W&B, TensorBoard)."""
+    return Trainer(cfg, files, base_dir, progress, logger).run()
 
 

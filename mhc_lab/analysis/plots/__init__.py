@@ -58,8 +58,9 @@ CAPTIONS = {
     "gain_by_layer": "Single-layer and composite gain against layer index at the run's peak "
     "probe, HC beside mHC and its variants (the paper's Fig. 3).",
     "loss_and_grad_norm": "Training loss, its gap to the residual baseline with the same "
-    "settings and seed, and the gradient norm before clipping (the paper's Figs. 2 and 5); "
-    "x marks where a diverged run stopped.",
+    "settings and seed, and the gradient norm before clipping (the paper's Figs. 2 and 5), over "
+    "a strip with the learning-rate schedule; long runs get a moving average with the raw curve "
+    "faint; x marks where a diverged run stopped.",
     "mixing_matrices": "H_res averaged over the probe tokens at the peak probe: first layer, "
     "last layer and the composite product H_{L-1}...H_0 (per token, float64, then averaged), "
     "with row and column sums (the paper's Fig. 8).",
@@ -116,11 +117,14 @@ FIGURES: tuple[tuple[str, Builder], ...] = (
 
 
 def plot_experiment(view: ExperimentView, out_dir: Optional[Path] = None, fmt: str = "png",
-                    keep_fresh: bool = False, on_event: Callable[[str], None] = lambda line: None) -> PlotResult:
+                    keep_fresh: bool = False, on_event: Callable[[str], None] = lambda line: None,
+                    smooth: Optional[int] = None) -> PlotResult:
     """Draw every figure the sweep has data for into `out_dir` (default <results>/figures).
 
     `keep_fresh`: leave a figure file alone when it is newer than every run's results.
     `on_event` receives one line per figure: its path, or `skipped NAME: why`.
+    `smooth`: moving-average window (logged steps) of the loss and gradient-norm curves;
+    None = automatic (training.smoothing_window), 0 = raw curves only.
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -134,7 +138,7 @@ def plot_experiment(view: ExperimentView, out_dir: Optional[Path] = None, fmt: s
     newest = _newest_result(view)
     for name, build in FIGURES:
         try:
-            figures = build(view)
+            figures = build(view, smooth) if name == "loss_and_grad_norm" else build(view)
         except Skip as why:
             result.skipped.append(f"{name}: {why}")
             on_event(f"skipped {name}: {why}")

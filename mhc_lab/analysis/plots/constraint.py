@@ -16,7 +16,7 @@ from .style import (
     seed_note, style_keys,
 )
 
-CONSTRAINED = ("mhc", "mhc_lite", "kromhc", "ortho")  # H_res meant to be doubly stochastic
+CONSTRAINED = ("mhc", "mhc_tol", "mhc_lite", "kromhc", "ortho")  # H_res meant to be doubly stochastic
 FLOOR = 1e-9  # column errors below this (float32 rounding is ~1e-7) are drawn at it
 ROWS = (
     ("col_sum_err", "worst |column sum - 1|"),

@@ -37,15 +37,46 @@ def fig_gain_vs_step(view: ExperimentView) -> list[tuple[str, Figure]]:
         if settings is None:
             hide(axes[i, j], "")
             continue
-        draw_gain_panel(axes[i, j], runs_in(view, settings, lambda r: bool(r.probes)))
+        runs = runs_in(view, settings, lambda r: bool(r.probes))
+        draw_gain_panel(axes[i, j], runs)
+        schedule_twin(axes[i, j], runs, label=j == len(grid[0]) - 1)
         axes[i, j].set_title(describe(settings), fontsize=9)
     far = []
     for (i, j), ax in np.ndenumerate(axes):
         far += gain_axis(ax, GAIN_LABEL if j == 0 else None, view.connections)
     step_axes(axes)
+    keys = [*DIRECTION_KEYS, Line2D([], [], color=SCHEDULE_COLOR, linewidth=3, alpha=0.5,
+                                    label="learning rate (right axis)")]
     finish(fig, view, "composite gain during training", [seed_note(view), *unique(far)],
-           view.connections, DIRECTION_KEYS)
+           view.connections, keys)
     return [("gain_vs_step", fig)]
+
+
+SCHEDULE_COLOR = "0.6"
+
+
+def schedule_twin(ax: Axes, runs: list[RunView], label: bool) -> None:
+    """The learning-rate schedule of the panel's runs, faint, on a twin y axis from 0: whether
+    the gain's growth follows the learning rate can be read off one panel."""
+    curves = [r.metric("lr") for r in runs if r.metrics]
+    curves = [c for c in curves if len(c[0])]
+    if not curves:
+        return
+    steps, lr = max(curves, key=lambda c: c[0][-1])  # the longest run's schedule
+    twin = ax.twinx()
+    twin.fill_between(steps, 0, lr, color=SCHEDULE_COLOR, alpha=0.18, linewidth=0, zorder=0)
+    twin.plot(steps, lr, color=SCHEDULE_COLOR, linewidth=0.8, alpha=0.8)
+    twin.set_ylim(0, float(np.nanmax(lr)) * 1.05 if np.isfinite(lr).any() else 1.0)
+    twin.spines[["top"]].set_visible(False)
+    twin.tick_params(labelsize=7, colors="0.45")
+    twin.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    twin.yaxis.get_offset_text().set_fontsize(7)
+    if label:
+        twin.set_ylabel("learning rate", fontsize=8, color="0.45")
+    else:
+        twin.set_yticklabels([])
+    ax.set_zorder(twin.get_zorder() + 1)  # the gain lines above the schedule
+    ax.patch.set_visible(False)
 
 
 def draw_gain_panel(ax: Axes, runs: list[RunView]) -> None:

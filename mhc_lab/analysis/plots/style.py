@@ -24,13 +24,14 @@ from matplotlib.lines import Line2D
 from ..view import DEPTH, ExperimentView, RunView, describe, group_runs, matches
 
 # Okabe-Ito (colour-blind safe): grey, vermillion, blue; bluish green, reddish purple, orange
-COLORS = {"residual": "#555555", "hc": "#D55E00", "mhc": "#0072B2",
+# (sky blue for mHC iterated to a tolerance, the series view.py calls mhc_tol)
+COLORS = {"residual": "#555555", "hc": "#D55E00", "mhc": "#0072B2", "mhc_tol": "#56B4E9",
           "mhc_lite": "#009E73", "kromhc": "#CC79A7", "ortho": "#E69F00"}
-NAMES = {"residual": "residual", "hc": "HC", "mhc": "mHC", "mhc_lite": "mHC-lite", "kromhc": "KromHC",
-         "ortho": "ortho"}
+NAMES = {"residual": "residual", "hc": "HC", "mhc": "mHC", "mhc_tol": "mHC (tol)", "mhc_lite": "mHC-lite",
+         "kromhc": "KromHC", "ortho": "ortho"}
 # residual thin and on top: it often hides under mHC's 1
-LINE_WIDTH = {"residual": 1.1, "hc": 1.8, "mhc": 1.8, "mhc_lite": 1.6, "kromhc": 1.6, "ortho": 1.6}
-MIXING = ("hc", "mhc", "mhc_lite", "kromhc", "ortho")  # the connections with a learned H_res
+LINE_WIDTH = {"residual": 1.1, "hc": 1.8, "mhc": 1.8, "mhc_tol": 1.6, "mhc_lite": 1.6, "kromhc": 1.6, "ortho": 1.6}
+MIXING = ("hc", "mhc", "mhc_tol", "mhc_lite", "kromhc", "ortho")  # the series with a learned H_res
 DIRECTION_STYLE = {"fwd": "-", "bwd": "--"}
 # The mHC paper's composite gains (27B model, 60 layers; DESIGN.md section 3).
 PAPER_GAIN = {"residual": 1.0, "hc": 3000.0, "mhc": 1.6}

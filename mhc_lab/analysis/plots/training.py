@@ -1,11 +1,13 @@
 """Training figures: loss, its gap to the residual baseline and the pre-clip gradient norm
-(paper Figs. 2 and 5)."""
+(paper Figs. 2 and 5), over a strip with the learning-rate schedule, so a surge can be read
+against the schedule. Long curves get a moving average with the raw curve kept faint."""
 
 from __future__ import annotations
 
 from typing import Optional
 
 import numpy as np
+from matplotlib import ticker
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
@@ -19,23 +21,56 @@ from .style import (
 
 METRIC_LABELS = {
     "loss": "training loss (nats/byte)", "gap": "loss - residual loss", "grad_norm": "grad norm (pre-clip)",
+    "lr": "learning rate",
 }
+SMOOTH_FROM = 500  # logged steps from which `auto` smoothing draws a moving average
+SMOOTHED = ("loss", "gap", "grad_norm")
 
 
-def fig_loss_and_grad(view: ExperimentView) -> list[tuple[str, Figure]]:
+def smoothing_window(view: ExperimentView, smooth: Optional[int]) -> int:
+    """The moving-average window in logged steps: `smooth` if given (0 or 1: none), else
+    automatic: none below SMOOTH_FROM logged steps, else a fiftieth of the longest run."""
+    if smooth is not None:
+        return max(int(smooth), 1)
+    longest = max((len(r.metrics) for r in view.plottable), default=0)
+    return 1 if longest < SMOOTH_FROM else max(longest // 50, 2)
+
+
+def moving_average(curve: Curve, window: int) -> Curve:
+    """Trailing mean over `window` points of the finite values (the first points average what
+    there is so far); non-finite points stay where they are."""
+    x, y = curve
+    if window <= 1 or len(y) == 0:
+        return curve
+    finite = np.isfinite(y)
+    sums = np.cumsum(np.where(finite, y, 0.0))
+    counts = np.cumsum(finite)
+    lo = np.arange(len(y)) - window
+    prev_sums = np.where(lo >= 0, sums[np.maximum(lo, 0)], 0.0)
+    prev_counts = np.where(lo >= 0, counts[np.maximum(lo, 0)], 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        smooth = (sums - prev_sums) / (counts - prev_counts)
+    return x, np.where(finite, smooth, y)
+
+
+def fig_loss_and_grad(view: ExperimentView, smooth: Optional[int] = None) -> list[tuple[str, Figure]]:
     if not any(r.metrics for r in view.plottable):
         raise Skip("no run has training metrics")
     grid = facet_grid(view)
     show_gap = "residual" in view.connections and len(view.connections) > 1
-    metrics = ["loss", "gap", "grad_norm"] if show_gap else ["loss", "grad_norm"]
+    metrics = ["loss", "gap", "grad_norm", "lr"] if show_gap else ["loss", "grad_norm", "lr"]
+    window = smoothing_window(view, smooth)
     # y is not shared: one diverged run's loss would flatten every other panel
-    fig, axes = new_figure(len(grid) * len(metrics), len(grid[0]), (4.0, 2.3), sharex=True)
+    fig, axes = new_figure(len(grid) * len(metrics), len(grid[0]), (4.0, 2.3), sharex=True,
+                           gridspec_kw={"height_ratios": [0.45 if m == "lr" else 1.0 for m in metrics] * len(grid)})
     for (r, j), settings in np.ndenumerate(np.array(grid, dtype=object)):
         runs = [] if settings is None else runs_in(view, settings, lambda run: bool(run.metrics))
         for m, metric in enumerate(metrics):
             ax = axes[r * len(metrics) + m, j]
-            if runs:
-                draw_metric_panel(ax, metric, runs)
+            if runs and metric == "lr":
+                draw_schedule(ax, runs)
+            elif runs:
+                draw_metric_panel(ax, metric, runs, window if metric in SMOOTHED else 1)
             else:
                 hide(ax, "" if settings is None else "no runs")
             if j == 0:
@@ -48,13 +83,31 @@ def fig_loss_and_grad(view: ExperimentView) -> list[tuple[str, Figure]]:
     step_axes(axes)
     diverged = any(r.status == "diverged" for r in view.plottable)
     keys = style_keys(("", "diverged: stopped here"), marker="x") if diverged else []
+    smoothing = (f"lines: moving average over {window} logged steps, the raw curves faint"
+                 if window > 1 else "")
     finish(fig, view, "loss and gradient norm during training (paper Figs. 2 and 5)",
-           [seed_note(view), "gap: against the residual run with the same settings and seed" if show_gap else ""],
+           [seed_note(view), "gap: against the residual run with the same settings and seed" if show_gap else "",
+            smoothing, "bottom strip: the learning-rate schedule"],
            view.connections, keys)
     return [("loss_and_grad_norm", fig)]
 
 
-def draw_metric_panel(ax: Axes, metric: str, runs: list[RunView]) -> None:
+def draw_schedule(ax: Axes, runs: list[RunView]) -> None:
+    """The learning rate the runs logged, one grey line per distinct schedule."""
+    drawn = set()
+    for run in runs:
+        steps, lr = run.metric("lr")
+        key = (tuple(steps[:: max(len(steps) // 50, 1)]), tuple(lr[:: max(len(lr) // 50, 1)]))
+        if len(steps) and key not in drawn:
+            drawn.add(key)
+            ax.plot(steps, lr, color="0.45", linewidth=1.0)
+    ax.set_ylim(bottom=0)
+    ax.yaxis.set_major_locator(ticker.MaxNLocator(3))
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    ax.yaxis.get_offset_text().set_fontsize(7)
+
+
+def draw_metric_panel(ax: Axes, metric: str, runs: list[RunView], window: int = 1) -> None:
     if metric == "gap":
         if not any(r.connection == "residual" for r in runs):
             return hide(ax, "no residual run at these settings")
@@ -62,7 +115,11 @@ def draw_metric_panel(ax: Axes, metric: str, runs: list[RunView]) -> None:
     for conn, group in by_connection(runs):
         curves = [(run, metric_curve(run, metric, runs)) for run in group]
         present = [c for _, c in curves if c is not None and len(c[0])]
-        if present:
+        if present and window > 1:
+            raw = aggregate(present)
+            ax.plot(raw.x, raw.mean, color=COLORS[conn], linewidth=0.5, alpha=0.25, zorder=1)
+            draw_band(ax, aggregate([moving_average(c, window) for c in present]), conn, marker="")
+        elif present:
             draw_band(ax, aggregate(present), conn, marker="")
         for run, curve in curves:
             if run.status == "diverged" and curve is not None:
