@@ -56,10 +56,21 @@ typedef T CAT(quarter, SUF) __attribute__((vector_size(VL * sizeof(T) / 4), alig
 
 INLINE T CAT(lanes_sum, SUF)(const VEC a)
 {
+#if defined(__clang__) || __GNUC__ >= 12 /* halves as register shuffles */
+#if VL == 16
+    const CAT(half, SUF) h = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) +
+                             __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
+    const CAT(quarter, SUF) q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+#else
+    const CAT(half, SUF) h = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    const CAT(quarter, SUF) q = __builtin_shufflevector(h, h, 0, 1) + __builtin_shufflevector(h, h, 2, 3);
+#endif
+#else
     CAT(half, SUF) h;
     for (int l = 0; l < VL / 2; l++) h[l] = a[l] + a[l + VL / 2];
     CAT(quarter, SUF) q;
     for (int l = 0; l < VL / 4; l++) q[l] = h[l] + h[l + VL / 4];
+#endif
 #if VL == 16
     return (q[0] + q[2]) + (q[1] + q[3]);
 #else
@@ -87,8 +98,8 @@ INLINE T CAT(sum_squares, SUF)(const T *restrict v, const int64_t C)
     return CAT(lanes_sum, SUF)(a);
 }
 
-/* out[j] = <v, rows[j]> for rows (k, C): four (then one) dot products per sweep over C (one
- * load of v for four rows). */
+/* out[j] = <v, rows[j]> for rows (k, C): four (then two, then one) dot products per sweep
+ * over C (one load of v for several rows). */
 INLINE void CAT(dot_rows, SUF)(const T *restrict v, const T *restrict rows, const int64_t k,
                                const int64_t C, T *restrict out)
 {
@@ -115,6 +126,21 @@ INLINE void CAT(dot_rows, SUF)(const T *restrict v, const T *restrict rows, cons
         out[j + 1] = CAT(lanes_sum, SUF)(a1);
         out[j + 2] = CAT(lanes_sum, SUF)(a2);
         out[j + 3] = CAT(lanes_sum, SUF)(a3);
+    }
+    for (; j + 2 <= k; j += 2) {
+        const T *restrict r0 = rows + j * C, *restrict r1 = r0 + C;
+        VEC a0 = {0}, a1 = {0};
+        for (int64_t c = 0; c < Cv; c += VL) {
+            const VEC vc = VLOAD(v + c);
+            a0 += vc * VLOAD(r0 + c);
+            a1 += vc * VLOAD(r1 + c);
+        }
+        if (Cv < C) {
+            a0 += CAT(tail_products, SUF)(v + Cv, r0 + Cv, C - Cv);
+            a1 += CAT(tail_products, SUF)(v + Cv, r1 + Cv, C - Cv);
+        }
+        out[j] = CAT(lanes_sum, SUF)(a0);
+        out[j + 1] = CAT(lanes_sum, SUF)(a1);
     }
     for (; j < k; j++) {
         const T *restrict r = rows + j * C;
@@ -401,15 +427,14 @@ INLINE void CAT(hc_forward_token, SUF)(const T *restrict x, const T *restrict Wt
 {
     const int64_t K = n + 2;
     T R[(MAX_N + 1) * MAX_N], t[MAX_N * (MAX_N + 2)];
-    for (int64_t i = 0; i < n; i++) {
-        const T *restrict xi = x + i * C;
-        const T ss = CAT(sum_squares, SUF)(xi, C);
-        const T inv = 1 / SQRT(ss / (T)C + eps);
-        T raw[MAX_N + 2];
-        CAT(dot_rows, SUF)(xi, Wt, K, C, raw);
-        inv_out[i] = inv;
-        for (int64_t k = 0; k < K; k++) p_out[i * K + k] = raw[k] * inv;
+    T ss[MAX_N];
+    for (int64_t i = 0; i < n; i++) { /* the norms and projections first: no wait on 1/sqrt */
+        ss[i] = CAT(sum_squares, SUF)(x + i * C, C);
+        CAT(dot_rows, SUF)(x + i * C, Wt, K, C, p_out + i * K);
     }
+    for (int64_t i = 0; i < n; i++) inv_out[i] = 1 / SQRT(ss[i] / (T)C + eps);
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t k = 0; k < K; k++) p_out[i * K + k] *= inv_out[i];
     /* the token's n (n + 2) tanh in one vectorised loop */
     if (use_tanh)
         for (int64_t q = 0; q < n * K; q++) t[q] = TANH(p_out[q]);
