@@ -53,6 +53,7 @@ typedef T CAT(half, SUF) __attribute__((vector_size(VL * sizeof(T) / 2), aligned
 typedef T CAT(quarter, SUF) __attribute__((vector_size(VL * sizeof(T) / 4), aligned(sizeof(T))));
 #define VEC CAT(vec, SUF)
 #define VLOAD(p) (*(const VEC *)(p))
+#define VSTORE(p, v) (*(VEC *)(p) = (v))
 
 INLINE T CAT(lanes_sum, SUF)(const VEC a)
 {
@@ -151,8 +152,6 @@ INLINE void CAT(dot_rows, SUF)(const T *restrict v, const T *restrict rows, cons
     }
 }
 
-#undef VEC
-#undef VLOAD
 
 /* ---- backward of the read ----------------------------------------------------------------
  * gy_0 = g_in (M, C), gy_{1+i} = g_mix[:, i] (M, n, C).
@@ -245,6 +244,45 @@ void CAT(mhc_write_backward, SUF)(const T *restrict g, const T *restrict F,
 #define SK_BLOCK 64
 #endif
 
+/* Iterations 2..iters for a block: each VL-token slice of h (n * n, SK_BLOCK) held as n * n
+ * vector registers through all of them (n a literal, so the loops unroll), column then row
+ * normalisations with one division per sum; with `slot` (H1's trace slot), every half-step's
+ * matrix is stored to the slots after it. The same operations in the same order as one
+ * array pass per step, without the memory traffic. */
+INLINE void CAT(sinkhorn_later, SUF)(T *restrict h, T *restrict slot, const int64_t iters,
+                                     const int64_t n)
+{
+    const int64_t nn = n * n;
+    for (int64_t sb = 0; sb < SK_BLOCK; sb += VL) {
+        VEC H[MAX_N * MAX_N];
+        for (int64_t k = 0; k < nn; k++) H[k] = VLOAD(h + k * SK_BLOCK + sb);
+        T *out = slot;
+        for (int64_t t = 1; t < iters; t++) {
+            for (int64_t j = 0; j < n; j++) { /* columns: sums over i */
+                VEC sum = H[j];
+                for (int64_t i = 1; i < n; i++) sum += H[i * n + j];
+                const VEC r = 1 / sum;
+                for (int64_t i = 0; i < n; i++) H[i * n + j] *= r;
+            }
+            if (out) {
+                out += nn * SK_BLOCK;
+                for (int64_t k = 0; k < nn; k++) VSTORE(out + k * SK_BLOCK + sb, H[k]);
+            }
+            for (int64_t i = 0; i < n; i++) { /* rows: sums over j */
+                VEC sum = H[i * n];
+                for (int64_t j = 1; j < n; j++) sum += H[i * n + j];
+                const VEC r = 1 / sum;
+                for (int64_t j = 0; j < n; j++) H[i * n + j] *= r;
+            }
+            if (out) {
+                out += nn * SK_BLOCK;
+                for (int64_t k = 0; k < nn; k++) VSTORE(out + k * SK_BLOCK + sb, H[k]);
+            }
+        }
+        for (int64_t k = 0; k < nn; k++) VSTORE(h + k * SK_BLOCK + sb, H[k]);
+    }
+}
+
 static void CAT(sinkhorn_block, SUF)(const T *z, int64_t zstride, int64_t nb, int64_t n,
                                      int64_t iters, T *restrict h, T *restrict lp,
                                      T *restrict trace)
@@ -290,64 +328,51 @@ static void CAT(sinkhorn_block, SUF)(const T *z, int64_t zstride, int64_t nb, in
         for (int64_t j = 0; j < n; j++)
             for (int64_t b = 0; b < nb; b++) hrow[j * SK_BLOCK + b] /= s[b];
     }
-    /* The later steps: in place in h, or, with the trace, each from its trace slot into the
-     * next (no copies); the result goes to h at the end. */
-    T *cur = h;
-    if (trace) {
-        cur = trace + nn * SK_BLOCK;
-        for (int64_t k = 0; k < nn * SK_BLOCK; k++) cur[k] = h[k];
-    }
-    for (int64_t t = 1; t < iters; t++) {
-        T *next = trace ? cur + nn * SK_BLOCK : cur;
-        for (int64_t j = 0; j < n; j++) { /* columns: sums over i */
-            for (int64_t b = 0; b < SK_BLOCK; b++) s[b] = 0;
-            for (int64_t i = 0; i < n; i++)
-                for (int64_t b = 0; b < SK_BLOCK; b++) s[b] += cur[(i * n + j) * SK_BLOCK + b];
-            for (int64_t b = 0; b < SK_BLOCK; b++) s[b] = 1 / s[b]; /* one division per sum */
-            for (int64_t i = 0; i < n; i++)
-                for (int64_t b = 0; b < SK_BLOCK; b++)
-                    next[(i * n + j) * SK_BLOCK + b] = cur[(i * n + j) * SK_BLOCK + b] * s[b];
-        }
-        cur = next;
-        next = trace ? cur + nn * SK_BLOCK : cur;
-        for (int64_t i = 0; i < n; i++) { /* rows: sums over j */
-            const T *row = cur + i * n * SK_BLOCK;
-            T *nrow = next + i * n * SK_BLOCK;
-            for (int64_t b = 0; b < SK_BLOCK; b++) s[b] = 0;
-            for (int64_t j = 0; j < n; j++)
-                for (int64_t b = 0; b < SK_BLOCK; b++) s[b] += row[j * SK_BLOCK + b];
-            for (int64_t b = 0; b < SK_BLOCK; b++) s[b] = 1 / s[b];
-            for (int64_t j = 0; j < n; j++)
-                for (int64_t b = 0; b < SK_BLOCK; b++) nrow[j * SK_BLOCK + b] = row[j * SK_BLOCK + b] * s[b];
-        }
-        cur = next;
-    }
-    if (trace && iters > 1)
-        for (int64_t k = 0; k < nn * SK_BLOCK; k++) h[k] = cur[k];
+    /* The later steps, VL tokens at a time in registers (`sinkhorn_later`); with the trace,
+     * H1 goes to its slot first. */
+    if (trace)
+        for (int64_t k = 0; k < nn * SK_BLOCK; k++) trace[nn * SK_BLOCK + k] = h[k];
+#define BODY(N) CAT(sinkhorn_later, SUF)(h, trace ? trace + nn * SK_BLOCK : NULL, iters, N)
+    DISPATCH_N(n, BODY)
+#undef BODY
 }
 
 /* The backward steps on a block: w = dH * H on entry (entry-major, SK_BLOCK lanes), dz on
  * return; trace from sinkhorn_block. Each step Y = X / sum_d X, backwards:
- * W <- W - Y * sum_d(W) (see sinkhorn._iterate_backward). */
+ * W <- W - Y * sum_d(W) (see sinkhorn._iterate_backward). W stays in n * n vector registers
+ * for VL tokens at a time through all 2 * iters steps (n a literal: the loops unroll). */
+INLINE void CAT(sinkhorn_back_steps, SUF)(T *restrict w, const T *restrict trace, const int64_t n,
+                                          const int64_t iters)
+{
+    const int64_t nn = n * n;
+    for (int64_t sb = 0; sb < SK_BLOCK; sb += VL) {
+        VEC W[MAX_N * MAX_N];
+        for (int64_t k = 0; k < nn; k++) W[k] = VLOAD(w + k * SK_BLOCK + sb);
+        for (int64_t step = 2 * iters - 1; step >= 0; step--) {
+            const T *y = trace + step * nn * SK_BLOCK + sb;
+            if (step % 2 == 0) /* a column step: sums over i along each column */
+                for (int64_t j = 0; j < n; j++) {
+                    VEC sum = W[j];
+                    for (int64_t i = 1; i < n; i++) sum += W[i * n + j];
+                    for (int64_t i = 0; i < n; i++) W[i * n + j] -= VLOAD(y + (i * n + j) * SK_BLOCK) * sum;
+                }
+            else /* a row step: sums over j along each row */
+                for (int64_t i = 0; i < n; i++) {
+                    VEC sum = W[i * n];
+                    for (int64_t j = 1; j < n; j++) sum += W[i * n + j];
+                    for (int64_t j = 0; j < n; j++) W[i * n + j] -= VLOAD(y + (i * n + j) * SK_BLOCK) * sum;
+                }
+        }
+        for (int64_t k = 0; k < nn; k++) VSTORE(w + k * SK_BLOCK + sb, W[k]);
+    }
+}
+
 static void CAT(sinkhorn_block_backward, SUF)(T *restrict w, const T *restrict trace, int64_t n,
                                               int64_t iters)
 {
-    const int64_t nn = n * n;
-    for (int64_t step = 2 * iters - 1; step >= 0; step--) {
-        const T *y = trace + step * nn * SK_BLOCK;
-        /* column steps (even) sum over i along column a; row steps (odd) over j along row a */
-        const int64_t line = step % 2 == 0 ? 1 : n, across = step % 2 == 0 ? n : 1;
-        T sum[SK_BLOCK];
-        for (int64_t a = 0; a < n; a++) {
-            const int64_t base = a * line;
-            for (int64_t b = 0; b < SK_BLOCK; b++) sum[b] = 0;
-            for (int64_t e = 0; e < n; e++)
-                for (int64_t b = 0; b < SK_BLOCK; b++) sum[b] += w[(base + e * across) * SK_BLOCK + b];
-            for (int64_t e = 0; e < n; e++)
-                for (int64_t b = 0; b < SK_BLOCK; b++)
-                    w[(base + e * across) * SK_BLOCK + b] -= y[(base + e * across) * SK_BLOCK + b] * sum[b];
-        }
-    }
+#define BODY(N) CAT(sinkhorn_back_steps, SUF)(w, trace, N, iters)
+    DISPATCH_N(n, BODY)
+#undef BODY
 }
 
 /* Per-thread scratch: h, lp and (backward) the trace; h and lp start finite (all ones). */
@@ -766,3 +791,6 @@ int CAT(mhc_mhc_backward, SUF)(const T *restrict x, const T *restrict logits,
     return failed ? -1 : 0;
 }
 
+#undef VEC
+#undef VLOAD
+#undef VSTORE
