@@ -13,9 +13,9 @@
  * float (VMATH_DOUBLE 0) they stop after the terms that float can still hold (truncation below
  * 1e-9 relative). Both are exact to rounding (within 2 ulp; libm's are within 1);
  * tests/test_native.py compares them with torch's exp, log, tanh and sigmoid over wide ranges
- * in both types, NaN and infinities included. The results do not
- * depend on whether a loop was vectorised: every element is the same sequence of operations
- * (the kernels are built with -std=c11, so the compiler contracts nothing into FMAs). */
+ * in both types, NaN and infinities included. Every element is the same sequence of
+ * operations whether its loop was vectorised or not (the build lets the compiler fuse a * b + c
+ * into one FMA where the CPU has one, in the vector and the scalar code alike). */
 
 /* 2^k as a T, for k within the normal exponents. */
 INLINE T CAT(pow2i, SUF)(const ITYPE k)
