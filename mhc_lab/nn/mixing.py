@@ -146,7 +146,10 @@ def mix_read(
     h_post = h_post.reshape(b * t, n).contiguous()  # (B*T, n)
     layer_in, mixed = _StreamRead.apply(x_flat, read)
     layer_out = sublayer(layer_in.view(b, t, c))  # (B, T, C): F(H_pre x)
-    out = _StreamWrite.apply(mixed, h_post, layer_out.reshape(b * t, c))
+    # The native read writes H_res x into its own buffer, which nothing else reads: the write
+    # goes into it (no new (M, n, C) tensor); the torch ops' is a view of the stacked product.
+    in_place = mixed._base is None and not is_compiling()
+    out = _StreamWrite.apply(mixed, h_post, layer_out.reshape(b * t, c), in_place)
     return out.view(b, t, n, c)  # (B, T, n, C)
 
 
