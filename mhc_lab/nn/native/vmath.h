@@ -11,7 +11,7 @@
  *
  * Accuracy: the polynomials are long enough for double (truncation below 1e-17 relative); for
  * float (VMATH_DOUBLE 0) they stop after the terms that float can still hold (truncation below
- * 1e-9 relative). Both are exact to rounding (within 2 ulp; libm's are within 1);
+ * 1e-9 relative). Both are exact to rounding (relative error at most 1.5 eps; libm's 1 ulp);
  * tests/test_native.py compares them with torch's exp, log, tanh and sigmoid over wide ranges
  * in both types, NaN and infinities included. Every element is the same sequence of
  * operations whether its loop was vectorised or not (the build lets the compiler fuse a * b + c
