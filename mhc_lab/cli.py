@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -35,15 +37,51 @@ def fail(error: MhcLabError) -> None:
     raise typer.Exit(error.exit_code)
 
 
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """MhcLabError, and any OSError reading or writing a file (a folder the user cannot write,
+    a disk full), end the command in one line naming the file."""
+    try:
+        yield
+    except MhcLabError as exc:
+        fail(exc)
+    except OSError as exc:
+        where = exc.filename or "results"
+        fail(MhcLabError(f"{where}: {exc.strerror or exc}"))
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`timeout`, `kill`, a Slurm time limit): stop like Ctrl-C, keeping checkpoints."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
+def _problems(lines: list[str], noun: str, then: str) -> None:
+    """End the command on its problems: every line but the first printed as it is, then one
+    error line naming the first (`<first>; <then>`), exit code 1 (DamagedResults)."""
+    from .store import DamagedResults
+
+    if not lines:
+        return
+    for line in lines[1:]:
+        err_console.print(f"[yellow]also:[/] {escape(line)}", highlight=False, soft_wrap=True)
+    count = f"{len(lines)} {noun}, the first: " if len(lines) > 1 else ""
+    fail(DamagedResults(f"{count}{lines[0]}; {then}"))
+
+
 @app.command()
 def run(
     file: Annotated[Path, typer.Argument(help="Experiment YAML file.", show_default=False)],
     out: Annotated[Path, typer.Option(help="Results root; the experiment goes to OUT/<name>/.")] = Path("results"),
     set_: Annotated[
         Optional[list[str]],
-        typer.Option("--set", help="Override a key, e.g. --set model.depth=24 (repeatable)."),
+        typer.Option("--set", help="Override a key, e.g. --set train.lr=0.01 (repeatable); a key the sweep "
+                     "varies is refused: change the sweep, e.g. --set 'sweep.grid.model.depth=[24]'."),
     ] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and list the runs; write nothing.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate, list the runs and everything the real run "
+                                          "would refuse or do to the runs there; write nothing.")] = False,
     fresh: Annotated[bool, typer.Option("--fresh", help="Move an existing results folder aside and start over.")] = False,
     workers: Annotated[
         Optional[int], typer.Option(help="Train this many runs at once on this machine (launcher.workers).", show_default=False)
@@ -65,9 +103,9 @@ def run(
     """
     from .experiment.loader import ConfigError, load_experiment
     from .launch import make_launcher
+    from .launch.preflight import preflight
     from .launch.progress import PlainReporter, RichReporter, summary_table
     from .store import ExperimentStore
-    from .training.runner import run_status
 
     options = {"launcher.workers": workers, "launcher.kind": launcher, "train.device": device}
     flags = {"launcher.workers": "--workers", "launcher.kind": "--launcher", "train.device": "--device"}
@@ -85,10 +123,8 @@ def run(
             raise ConfigError(f"--workers applies to launcher kind local, not {kind}")
         if no_wait and kind == "local":
             raise ConfigError("--no-wait applies to submitted jobs: add --launcher slurm (or submitit-local)")
-        if kind != "local" and not dry_run:  # before anything is written: submitit must be there
-            from .launch.inflight import submitit_module
-
-            submitit_module()
+        with one_line_errors():
+            checked = preflight(exp, out, fresh)  # everything the run would refuse, before writing
     except MhcLabError as exc:
         fail(exc)
     if dry_run:
@@ -99,26 +135,37 @@ def run(
         for r in exp.runs:
             m, t = r.config.model, r.config.train
             table.add_row(r.run_id, m.connection, str(m.depth), str(m.d_model), str(m.n_streams),
-                          f"{t.lr:g}", str(t.steps), str(r.config.seed), run_status(store.run(r.run_id)))
+                          f"{t.lr:g}", str(t.steps), str(r.config.seed), checked.statuses[r.run_id])
         console.print(table)
+    for line in checked.notes:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    if checked.refusals:
+        for refusal in checked.refusals[:-1]:
+            err_console.print(f"[bold red]error:[/] {escape(str(refusal))}", highlight=False, soft_wrap=True)
+        fail(checked.refusals[-1])
+    if dry_run:
         return
     reporter = RichReporter(console) if console.is_terminal else PlainReporter(console)
+    previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
     try:
-        say = lambda line: console.print(line, highlight=False, soft_wrap=True)  # noqa: E731
-        sweep_launcher = make_launcher(exp.config.launcher, wait=not no_wait, notify=say)
-        try:
-            outcome = sweep_launcher.run(exp, out, fresh, reporter)
-        finally:
-            reporter.close()
-    except MhcLabError as exc:
-        fail(exc)
-    except KeyboardInterrupt:
+        with one_line_errors():
+            say = lambda line: console.print(line, highlight=False, soft_wrap=True)  # noqa: E731
+            sweep_launcher = make_launcher(exp.config.launcher, wait=not no_wait, notify=say)
+            try:
+                outcome = sweep_launcher.run(exp, out, fresh, reporter)
+            finally:
+                reporter.close()
+    except KeyboardInterrupt as exc:
+        how, code = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
         if kind == "local":
-            err_console.print("interrupted: run the same command again to resume")
+            err_console.print(f"{how}: run the same command again to resume")
         else:
-            err_console.print("stopped waiting: the submitted jobs go on (`mhc-lab ls` shows them); "
+            err_console.print(f"{how}: stopped waiting: the submitted jobs go on (`mhc-lab ls` shows them); "
                               "run the same command again to wait for them")
-        raise typer.Exit(130)
+        raise typer.Exit(code)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     root = out / exp.config.name
     if no_wait:
         console.print(f"not waiting: `mhc-lab ls {root}` shows the jobs; run the same command "
@@ -139,42 +186,110 @@ def run(
         raise typer.Exit(1)
 
 
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
 @app.command("ls")
 def list_results(
     results: Annotated[Path, typer.Argument(help="Results root (or one experiment folder).")] = Path("results"),
 ) -> None:
     """List experiments under a results root and the status of their runs.
 
+    A run is completed, diverged or failed once finished; training (a process holds its lock
+    now), interrupted (started, not running: `run` resumes it), pending, or damaged (its files
+    differ from what it wrote: `mhc-lab check`).
+
     Example: mhc-lab ls results
     """
     from .launch.progress import fmt_gain, fmt_loss
-    from .store import ExperimentStore, list_experiments, peak_gain
+    from .store import ExperimentStore, StoreError, check_run, list_experiments, peak_gain
     from .training.runner import run_status
 
     stores = [ExperimentStore(results)] if (results / "experiment.yaml").exists() else list_experiments(results)
     if not stores:
         fail(MhcLabError(f"{results}: no experiments found (run `mhc-lab run FILE` first)"))
-    for store in stores:
-        jobs: dict[str, tuple[str, str]] = {}
-        if store.jobs_json.exists():  # runs submitted as jobs: their job's state too
-            from .launch.inflight import submitted_view
+    problems: list[str] = []
+    with one_line_errors():
+        for store in stores:
+            jobs: dict[str, tuple[str, str]] = {}
+            if store.jobs_json.exists():  # runs submitted as jobs: their job's state too
+                from .launch.inflight import submitted_view
 
-            jobs = submitted_view(store)
-        table = Table(title=str(store.root))
-        for col in ("run_id", "status", "steps", "peak gain", "final loss") + (("job",) if jobs else ()):
-            table.add_column(col)
-        for rid in sorted(set(store.run_ids()) | set(jobs)):
-            files = store.run(rid)
-            s = files.read_summary() or {}
-            job_id, job_state = jobs.get(rid, ("-", "-"))
-            status = job_state if job_state in ("submitted", "running") else run_status(files)
-            table.add_row(
-                rid, status, str(s.get("steps_done", "-")),
-                fmt_gain(peak_gain(s)),
-                fmt_loss(s.get("final_loss")),
-                *((f"{job_id} {job_state}",) if jobs else ()),
-            )
-        console.print(table)
+                try:
+                    jobs = submitted_view(store)
+                except StoreError as exc:
+                    problems.append(str(exc))
+            table = Table(title=str(store.root))
+            for col in ("run_id", "status", "steps", "peak gain", "final loss") + (("job",) if jobs else ()):
+                table.add_column(col)
+            for rid in sorted(set(store.run_ids()) | set(jobs)):
+                files = store.run(rid)
+                check = check_run(files, thorough=False)  # sizes only: quick
+                if check.damaged:
+                    problems.append(check.problem)
+                s = {} if check.damaged else files.read_summary() or {}
+                job_id, job_state = jobs.get(rid, ("-", "-"))
+                status = ("damaged" if check.damaged else job_state if job_state in ("submitted", "running")
+                          else run_status(files))
+                table.add_row(
+                    rid, status, str(s.get("steps_done", "-")),
+                    fmt_gain(peak_gain(s)),
+                    fmt_loss(s.get("final_loss")),
+                    *((f"{job_id} {job_state}",) if jobs else ()),
+                )
+            console.print(table)
+    _problems(problems, "damaged files", f"`mhc-lab check {results} --repair` moves damaged runs aside, "
+              "`mhc-lab run` trains them again")
+
+
+@app.command()
+def check(
+    results: Annotated[Path, typer.Argument(help="Results root, or one experiment folder.")] = Path("results"),
+    repair: Annotated[
+        bool, typer.Option("--repair", help="Move damaged runs aside to <experiment>/damaged/ (never deleted), "
+                           "so that `mhc-lab run` trains them again.")
+    ] = False,
+) -> None:
+    """Check every finished run against what it wrote (line counts, sha256 in its summary.json).
+
+    One line per damaged run and exit code 1 if any is damaged (also with --repair). Runs
+    written before mhc-lab recorded their files are only checked to parse, and said so.
+
+    Example: mhc-lab check results/smoke --repair
+    """
+    from .store import ExperimentStore, check_store, exclusive_lock, list_experiments, move_aside
+
+    stores = [ExperimentStore(results)] if (results / "experiment.yaml").exists() else list_experiments(results)
+    if not stores:
+        fail(MhcLabError(f"{results}: no experiments found (give a results folder written by `mhc-lab run`)"))
+    counts = {"fine": 0, "unchecked": 0, "damaged": 0, "unfinished": 0}
+    damaged: list[str] = []
+    with one_line_errors():
+        for store in stores:
+            checks = check_store(store)
+            bad = [c for c in checks if c.damaged]
+            for c in checks:
+                counts[c.state] += 1
+            unchecked = [c for c in checks if c.state == "unchecked"]
+            if unchecked:
+                console.print(f"{store.root}: {len(unchecked)} run(s) without an integrity record (written before "
+                              "mhc-lab recorded one): not checkable against it, only checked that their files "
+                              "parse", highlight=False, soft_wrap=True)
+            if repair and bad:  # like `run`: under the folder's lock, never while it trains
+                with exclusive_lock(store.folder_lock, store.root):
+                    for c in bad:
+                        damaged.append(f"{c.problem}; moved aside to {move_aside(store, c.run_id)}")
+            else:
+                damaged += [c.problem for c in bad]
+    console.print(f"checked {sum(counts.values()) - counts['unfinished']} finished runs: {counts['fine']} fine, "
+                  f"{counts['unchecked']} without a record (files parse), {counts['damaged']} damaged"
+                  + (f"; {counts['unfinished']} unfinished not checked" if counts["unfinished"] else ""),
+                  highlight=False, soft_wrap=True)
+    then = "`mhc-lab run` trains them again" if repair else f"`mhc-lab check {results} --repair` moves them aside"
+    _problems(damaged, "damaged runs", then)
 
 
 @app.command()
@@ -191,7 +306,8 @@ def schema(
     else:
         from .store import atomic_write_text
 
-        atomic_write_text(out, text)
+        with one_line_errors():
+            atomic_write_text(out, text)
         console.print(f"wrote {out}")
 
 
@@ -220,6 +336,19 @@ def _results_view(results: Optional[Path]):
             raise StoreError("results: no experiments found here (run `mhc-lab run FILE` first, or give a folder)")
         results = found[0].root
     return load_view(results)
+
+
+def _not_all_drawn(views: list, failed: list[str]) -> None:
+    """End `plot` and `report` with one line (exit code 1) when damaged runs were left out or
+    a figure failed; the rest was drawn and written."""
+    damaged = [(view, c) for view in views for c in view.damaged]
+    lines = [f"{c.problem} ({c.run_id} left out)" for _, c in damaged] + [f"figure {f}" for f in failed]
+    if damaged:
+        then = (f"the rest is drawn; `mhc-lab check {damaged[0][0].store.root} --repair` moves damaged runs "
+                "aside, `mhc-lab run` trains them again")
+    else:
+        then = "the other figures were drawn"
+    _problems(lines, "problems", then)
 
 
 def _say(line: str) -> None:
@@ -259,25 +388,24 @@ def plot(
         from .analysis.compare import open_comparison
         from .analysis.plots.compare import plot_comparison
 
-        try:
+        with one_line_errors():
             if out is None:
                 raise MhcLabError(OUT_NEEDED)
             comp = open_comparison(results)
-        except MhcLabError as exc:
-            fail(exc)
-        result = plot_comparison(comp.views, comp.labels, out, format_.value, on_event=_say)
+            result = plot_comparison(comp.views, comp.labels, out, format_.value, on_event=_say)
         console.print(f"{len(result.written)} comparison figures written, {len(result.skipped)} skipped ({out})",
                       highlight=False, soft_wrap=True)
+        _not_all_drawn(comp.views, result.failed)
         return
     from .analysis.plots import plot_experiment
 
-    try:
+    with one_line_errors():
         view = _results_view(results[0] if results else None)
-    except MhcLabError as exc:
-        fail(exc)
-    result = plot_experiment(view, out, format_.value, on_event=_say, smooth=smooth)
-    console.print(f"{len(result.written)} figures written, {len(result.skipped)} skipped ({view.store.root})",
+        result = plot_experiment(view, out, format_.value, on_event=_say, smooth=smooth)
+    failed = f", {len(result.failed)} failed" if result.failed else ""
+    console.print(f"{len(result.written)} figures written, {len(result.skipped)} skipped{failed} ({view.store.root})",
                   highlight=False, soft_wrap=True)
+    _not_all_drawn([view], result.failed)
 
 
 @app.command()
@@ -301,33 +429,33 @@ def report(
     if results and len(results) > 1:
         from .analysis.compare import open_comparison, write_comparison_report
 
-        try:
+        with one_line_errors():
             if out is None:
                 raise MhcLabError(OUT_NEEDED)
             comp = open_comparison(results)
-        except MhcLabError as exc:
-            fail(exc)
-        written = write_comparison_report(comp, out)
+            written = write_comparison_report(comp, out)
         console.print(written.table.rich())
         for line in written.reading:
             console.print(f"- {line}", highlight=False)
         console.print(f"wrote {written.path} ({len(written.figures.written)} figures)", highlight=False, soft_wrap=True)
+        _not_all_drawn(comp.views, written.figures.failed)
         return
     from .analysis.report import write_report
 
-    try:
+    with one_line_errors():
         if out is not None:
             raise MhcLabError("--out is for comparing several folders; one folder's report is RESULTS/REPORT.md")
         view = _results_view(results[0] if results else None)
-    except MhcLabError as exc:
-        fail(exc)
-    result = write_report(view)
+        result = write_report(view)
     for table in result.tables:
         console.print(table.rich())
     for line in result.reading:
         console.print(f"- {line}", highlight=False)
     skipped = f", {len(result.figures.skipped)} skipped" if result.figures.skipped else ""
-    console.print(f"wrote {result.path} ({len(result.figures.written)} figures{skipped})", highlight=False, soft_wrap=True)
+    failed = f", {len(result.figures.failed)} failed" if result.figures.failed else ""
+    console.print(f"wrote {result.path} ({len(result.figures.written)} figures{skipped}{failed})",
+                  highlight=False, soft_wrap=True)
+    _not_all_drawn([view], result.figures.failed)
 
 
 # bench: training-step time of residual, HC and mHC (logic in mhc_lab/bench.py)

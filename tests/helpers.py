@@ -22,6 +22,8 @@ TINY_EXPERIMENT = {
 
 # Fields that measure time, not the computation; everything else must be reproducible.
 TIMING_KEYS = {"tokens_per_s", "wall_s"}
+# Fields derived from files that hold timing fields (the integrity record hashes metrics.jsonl).
+DERIVED_KEYS = {"integrity"}
 
 
 def write_experiment(folder: Path, overrides: dict | None = None, name: str = "exp.yaml") -> Path:
@@ -43,9 +45,9 @@ def cli(*args: str):
 
 
 def strip_timing(obj):
-    """A copy of a JSON-like object without timing fields."""
+    """A copy of a JSON-like object without timing fields (and those derived from them)."""
     if isinstance(obj, dict):
-        return {k: strip_timing(v) for k, v in obj.items() if k not in TIMING_KEYS}
+        return {k: strip_timing(v) for k, v in obj.items() if k not in TIMING_KEYS | DERIVED_KEYS}
     if isinstance(obj, list):
         return [strip_timing(v) for v in obj]
     return obj

@@ -5,7 +5,9 @@
 - `single`: one HC run at one depth, plus a run that fails (seq_len longer than the held-out
   data): figures whose data is absent are skipped; the failed run only shows in the report.
 
-Tests that modify a folder copy it first (`copy_results`).
+Tests that modify a folder copy it first (`copy_results`). A test that edits a run's files to
+stand for results a run could have written (a dead run, an older format) reseals the run
+(`reseal`): its summary.json then records the edited files, as if the run had written them.
 """
 
 from __future__ import annotations
@@ -46,3 +48,13 @@ def copy_results(folder: Path, to: Path) -> Path:
     target = to / folder.name
     shutil.copytree(folder, target, ignore=shutil.ignore_patterns("figures", "REPORT.md"))
     return target
+
+
+def reseal(run_dir: Path) -> None:
+    """Record a run's files as they are now in its summary.json (store/integrity.py)."""
+    from mhc_lab.store import RunFiles, record
+
+    files = RunFiles(run_dir)
+    summary = files.read_summary()
+    summary["integrity"] = record(files)
+    files.write_summary(summary)

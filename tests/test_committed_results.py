@@ -107,3 +107,14 @@ def test_committed_mhc_runs_above_the_paper_bound_are_the_listed_ones():
             with np.load(run / "hres.npz") as saved:
                 cause = bound_breakers(saved["peak"])
             assert cause.layers == layers and cause.after < 1.6, key
+
+
+@pytest.mark.parametrize("name", COMMITTED)
+def test_committed_results_are_not_checkable_but_not_damaged(name):
+    """Written before runs recorded their files (issue #17): `mhc-lab check` says they have no
+    record, checks that their files parse, and finds nothing damaged."""
+    from .helpers import cli
+
+    result = cli("check", RESULTS / name)
+    assert result.exit_code == 0, result.output
+    assert "without an integrity record" in result.output and ", 0 damaged" in result.output

@@ -38,6 +38,7 @@ def test_growth_row_reads_first_crossing_share_peak_and_rate(tmp_path):
     assert (row.peak_step, row.peak_gain) == (200, 1e5)
     expected = np.polyfit([0, 50, 100, 150, 200], [0, 1, 3, 4, 5], 1)[0]
     assert row.slope == pytest.approx(expected)
+    assert row.slope_after_warmup == pytest.approx(np.polyfit([100, 150, 200], [3, 4, 5], 1)[0])
     assert schedule_phase(200, 80, 300) == "55% into the decay after warmup"
     assert schedule_phase(40, 80, 300) == "in warmup (40/80)"
     assert schedule_phase(80, 80, 300).startswith("at the end of warmup")

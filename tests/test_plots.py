@@ -15,10 +15,11 @@ from mhc_lab.analysis.plots.style import aggregate, composite_product, fmt_numbe
 from mhc_lab.analysis.view import load_view
 
 from .helpers import cli
-from .results_fixtures import copy_results, results_folder
+from .results_fixtures import copy_results, reseal, results_folder
 
 SWEEP_FIGURES = (
     "gain_vs_step", "gain_vs_scale", "gain_by_layer", "loss_and_grad_norm", "mixing_matrices", "signal_by_layer",
+    "constraint_health",
 )
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -49,7 +50,7 @@ def test_every_figure_of_the_sweep_is_a_valid_image(sweep, plotted):
         assert_png(path)
         assert str(path) in plotted.output.replace("\n", "")
     assert "skipped sweep_heatmap" in plotted.output  # depth is the only numeric axis
-    assert "6 figures written, 1 skipped" in plotted.output
+    assert "7 figures written, 1 skipped" in plotted.output  # constraint_health too
 
 
 def test_the_sweep_axes_and_groups_come_from_the_resolved_configs(sweep):
@@ -118,6 +119,7 @@ def test_non_finite_gains_do_not_crash_plotting(tmp_path, tmp_path_factory):
         arrays = {k: z[k] for k in z.files}
     arrays["peak"] = np.full(arrays["peak"].shape, 1e200)  # the composite overflows float64
     np.savez(run / "hres.npz", **arrays)
+    reseal(run)
     result = cli("plot", folder)
     assert result.exit_code == 0, result.output
     assert_png(folder / "figures" / "mixing_matrices.png")
@@ -131,6 +133,7 @@ def _without_stream_rms(folder, which: slice):
             for p in probes[which]:
                 p.pop("stream_rms")
             (run / "probes.jsonl").write_text("".join(json.dumps(p) + "\n" for p in probes))
+            reseal(run)
     return folder
 
 
@@ -167,3 +170,89 @@ def test_aggregate_aligns_curves_and_drops_non_finite_values():
 def test_number_formatting():
     assert [fmt_number(v) for v in (1.0, 0.948, 12.34, 2580.0, 1.2e5, float("inf"))] == \
         ["1", "0.948", "12.3", "2.6e3", "1.2e5", "inf"]
+
+
+def test_constraint_health_draws_the_last_probe_of_the_mhc_runs(sweep):
+    """Column errors and logit spreads by layer, one line per constrained connection, from the
+    last probe's records; HC and the residual are not drawn (nothing constrains them)."""
+    from mhc_lab.analysis.plots.constraint import fig_constraint_health
+
+    view = load_view(sweep)
+    (_, fig), = fig_constraint_health(view)
+    col_axes = [ax for ax in fig.axes if ax.get_ylabel() == "worst |column sum - 1|"]
+    assert col_axes and all(ax.get_yscale() == "log" for ax in col_axes)
+    mhc = [r for r in view.runs if r.connection == "mhc" and r.setting("model.depth") == 1]
+    expected = np.mean([np.maximum(r.probes[-1]["hres"]["col_sum_err"], 1e-9) for r in mhc], axis=0)
+    drawn = [line.get_ydata() for line in col_axes[0].lines if len(line.get_ydata()) == len(expected)]
+    assert any(np.allclose(y, expected) for y in drawn)
+
+
+def test_constraint_health_is_skipped_without_mhc_runs(tmp_path_factory):
+    from mhc_lab.analysis.plots.constraint import fig_constraint_health
+    from mhc_lab.analysis.plots.style import Skip
+
+    with pytest.raises(Skip, match="no mHC-family run"):
+        fig_constraint_health(load_view(results_folder("grid", tmp_path_factory)))  # HC only
+
+# -- issue #17: figures that do not hide anything ------------------------------------------
+
+
+def test_tick_labels_tell_gains_near_1_apart():
+    from mhc_lab.analysis.plots.style import draw_band, gain_axis, new_figure
+
+    fig, axes = new_figure(1, 1, (4.0, 3.0))
+    draw_band(axes[0, 0], aggregate([(np.arange(4), np.array([1.0, 1.00002, 1.00004, 1.00006]))]), "mhc")
+    gain_axis(axes[0, 0], "gain")
+    fig.canvas.draw()
+    labels = [t.get_text() for t in axes[0, 0].get_yticklabels() if t.get_text()]
+    assert len(labels) >= 3 and len(set(labels)) == len(labels), labels
+
+
+def test_an_overflowed_value_is_drawn_clipped_and_marked():
+    from mhc_lab.analysis.plots.style import OVERFLOW_MARKER, draw_band, gain_axis, new_figure
+
+    fig, axes = new_figure(1, 1, (4.0, 3.0))
+    draw_band(axes[0, 0], aggregate([(np.arange(3), np.array([1.0, np.inf, np.inf]))]), "hc")
+    gain_axis(axes[0, 0], "gain", ["hc"])  # a panel whose data is mostly overflow still gets limits
+    fig.canvas.draw()
+    (clipped,) = [line for line in axes[0, 0].get_lines() if line.get_marker() == OVERFLOW_MARKER]
+    assert list(clipped.get_xdata()) == [1.0, 2.0] and not clipped.get_clip_on()
+
+
+def test_gain_vs_scale_gives_every_connection_its_own_marker(sweep):
+    from mhc_lab.analysis.plots.gains import fig_gain_vs_scale
+    from mhc_lab.analysis.plots.style import COLORS
+
+    ((_, fig),) = fig_gain_vs_scale(load_view(sweep))
+    markers = {}
+    for line in fig.axes[0].get_lines():
+        if line.get_marker() not in ("None", "", None) and line.get_linestyle() == "None":
+            markers[line.get_markeredgecolor()] = (line.get_marker(), line.get_markersize())
+    shown = {conn: markers[color] for conn, color in COLORS.items() if color in markers}
+    assert set(shown) == {"residual", "hc", "mhc"}
+    assert len({m for m, _ in shown.values()}) == 3 and len({s for _, s in shown.values()}) == 3
+
+
+def test_diverged_and_dead_runs_are_marked_in_every_figure(tmp_path, sweep):
+    from mhc_lab.analysis.plots import gains, training
+    from mhc_lab.analysis.plots.style import STATE_MARKERS
+    from .results_fixtures import reseal
+
+    folder = copy_results(sweep, tmp_path)
+    hc = sorted(p for p in (folder / "runs").iterdir() if p.name.startswith("hc-"))
+    rows = [json.loads(line) for line in (hc[0] / "metrics.jsonl").read_text().splitlines()]
+    for row in rows[1:]:  # dead: gradient exactly 0 from the second logged step on
+        row["grad_norm"] = 0.0
+    (hc[0] / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    summary = json.loads((hc[1] / "summary.json").read_text())
+    summary.update(status="diverged", diverged_step=2, reason="non-finite loss (nan)")
+    (hc[1] / "summary.json").write_text(json.dumps(summary))
+    for run in hc[:2]:
+        reseal(run)
+    view = load_view(folder)
+    for build in (gains.fig_gain_vs_step, gains.fig_gain_vs_scale, training.fig_loss_and_grad):
+        ((stem, fig),) = build(view)
+        drawn = {line.get_marker() for ax in fig.axes for line in ax.get_lines()}
+        assert {STATE_MARKERS["dead"], STATE_MARKERS["diverged"]} <= drawn, stem
+        legend = [t.get_text() for t in fig.legends[0].get_texts()]
+        assert any("diverged" in t for t in legend) and any("dead" in t for t in legend), stem

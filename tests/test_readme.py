@@ -77,12 +77,14 @@ def test_headline_table_is_the_committed_results(doc):
     assert len(rows) == 9, rows
     view = load_view(ROOT / "results" / "divergence")
     runs = {(r.connection, r.seed): r for r in view.runs}
-    for conn, seed, fwd, bwd, where, growth, grad, rise, val, wall in rows:
+    for conn, seed, fwd, bwd, where, final, growth, grad, rise, val, wall in rows:
         run = runs[(NAMES[conn], int(seed))]
         s = run.summary
         label = f"{doc}: {conn} seed {seed}"
         assert _agrees(fwd, s["max_gain_fwd"]) and _agrees(bwd, s["max_gain_bwd"]), label
         assert where == f"{s['max_gain_step']} / {s['max_gain_layer']}", label
+        final_fwd, final_bwd = final.split(" / ")
+        assert _agrees(final_fwd, s["final_gain_fwd"]) and _agrees(final_bwd, s["final_gain_bwd"]), label
         assert _agrees(growth, s["max_signal_growth"]), label
         top, top_step, median = re.fullmatch(r"(\S+) \((\d+)\) / (\S+)", grad).groups()
         stab = run.stability
@@ -119,13 +121,15 @@ def test_readme_results_example_prints_the_headline_table(monkeypatch, capsys):
     printed = {(cells[0], int(cells[1])): dict(zip(columns, cells)) for cells in (line.split() for line in lines)}
     assert len(printed) == 9
     text = README[README.index("experiments/divergence.yaml"):]
-    for conn, seed, fwd, bwd, where, growth, grad, rise, val, wall in _headline_rows(text[: text.index("Peak gains are")]):
+    for conn, seed, fwd, bwd, where, final, growth, grad, rise, val, wall in _headline_rows(text[: text.index("Peak gains are")]):
         row = printed[(NAMES[conn], int(seed))]
         top, top_step, median = re.fullmatch(r"(\S+) \((\d+)\) / (\S+)", grad).groups()
         size, rise_step = re.fullmatch(r"(\S+) \((\d+)\)", rise).groups()
         assert where == f"{row['max_gain_step']} / {row['max_gain_layer']}", (conn, seed)
         assert top_step == row["max_grad_norm_step"] and rise_step == row["max_loss_rise_step"], (conn, seed)
-        for ours, column in ((fwd, "max_gain_fwd"), (bwd, "max_gain_bwd"), (growth, "max_signal_growth"),
+        final_fwd, final_bwd = final.split(" / ")
+        for ours, column in ((fwd, "max_gain_fwd"), (bwd, "max_gain_bwd"), (final_fwd, "final_gain_fwd"),
+                             (final_bwd, "final_gain_bwd"), (growth, "max_signal_growth"),
                              (top, "max_grad_norm"), (median, "median_grad_norm"), (size, "max_loss_rise"),
                              (val, "final_val_loss"), (wall, "wall_s")):
             shown = row[column]

@@ -11,7 +11,7 @@ import pytest
 from mhc_lab.analysis.view import dead_from, stability
 
 from .helpers import cli
-from .results_fixtures import copy_results, results_folder
+from .results_fixtures import copy_results, reseal, results_folder
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,11 @@ def test_report_compares_gains_with_the_paper(sweep_report):
                         ("mHC", "≤ ≈ 1.6 (forward 1 by construction)")):
         assert re.search(rf"^\| {name} \|.*\| {re.escape(paper)} \|$", section, re.M), name
     assert "HC" in output and "≈ 3000" in output  # the key table on the terminal
+
+
+def test_report_cites_only_what_the_repository_or_the_paper_holds(sweep_report):
+    _, text, _ = sweep_report
+    assert "DESIGN.md" not in text  # a file outside the repository (issue #17)
 
 
 def test_stability_measures_count_only_after_warmup():
@@ -89,6 +94,7 @@ def test_report_names_a_dead_run(tmp_path, tmp_path_factory):
     for row in rows[2:]:  # frozen from the third logged step on
         row["grad_norm"] = 0.0
     metrics.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    reseal(run)
     result = cli("report", folder)
     assert result.exit_code == 0, result.output
     text = (folder / "REPORT.md").read_text()

@@ -8,7 +8,8 @@
 - `growth_rows`: for every run whose composite gain passed 3000 (the paper's HC value) at a
   probe, when it first did, the share of the probes after warmup at which it stayed above,
   where the peak fell relative to the learning-rate schedule, and the growth rate of
-  log10(gain) from step 0 to the peak (a least-squares fit over the probes).
+  log10(gain) up to the peak, from step 0 and from the end of warmup (least-squares fits over
+  the probes).
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ class GrowthRow:
     peak_gain: float
     warmup: int
     steps: int
-    slope: float  # fitted d log10(gain) / d step, step 0 to the peak (per 100 steps below)
+    slope: float  # fitted d log10(gain) / d step, step 0 to the peak
+    slope_after_warmup: float  # the same fit from the end of warmup to the peak (nan: < 2 probes)
 
 
 def growth_row(run: RunView) -> Optional[GrowthRow]:
@@ -79,10 +81,15 @@ def growth_row(run: RunView) -> Optional[GrowthRow]:
     late = steps >= warmup
     share = float(above[late].mean()) if late.any() else float("nan")
     k = int(np.argmax(finite))
-    fit_steps, fit_gains = steps[: k + 1], finite[: k + 1]
-    ok = np.isfinite(fit_gains) & (fit_gains > 0)
-    slope = float(np.polyfit(fit_steps[ok], np.log10(fit_gains[ok]), 1)[0]) if ok.sum() >= 2 else float("nan")
-    return GrowthRow(run, first, share, int(steps[k]), float(gains[k]), warmup, total, slope)
+    return GrowthRow(run, first, share, int(steps[k]), float(gains[k]), warmup, total,
+                     _log_slope(steps[: k + 1], finite[: k + 1]),
+                     _log_slope(steps[: k + 1][late[: k + 1]], finite[: k + 1][late[: k + 1]]))
+
+
+def _log_slope(steps: np.ndarray, gains: np.ndarray) -> float:
+    """Least-squares slope of log10(gain) against step over the finite, positive points."""
+    ok = np.isfinite(gains) & (gains > 0)
+    return float(np.polyfit(steps[ok], np.log10(gains[ok]), 1)[0]) if ok.sum() >= 2 else float("nan")
 
 
 def growth_rows(view: ExperimentView) -> list[GrowthRow]:

@@ -2,10 +2,12 @@
 
 The report holds: the experiment (name, description, experiment.yaml), the environment that
 produced it (versions, device, corpus and its sha256), a table of runs, the measured peak gains
-per connection beside the mHC paper's (DESIGN.md section 3) with a plain-worded reading of
+per connection beside the mHC paper's (arXiv 2512.24880) with a plain-worded reading of
 them, the training stability per run (gradient-norm spikes before clipping, the largest loss
 surge), the figures (drawn by plots/ when missing or older than the results), and the diverged,
-failed and unfinished runs with their step and reason.
+failed and unfinished runs with their step and reason. Runs whose files fail their integrity
+check (store/integrity.py) are left out of every table and figure and listed in a section of
+their own.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from .plots import PlotResult, caption, figure_title, plot_experiment
 from .plots.style import NAMES, PAPER_GAIN, fmt_number, is_pair, representative_runs
 from .derived import bound_breaker_rows, growth_rows, last_gain, schedule_phase
 from .view import DEAD_STEPS, SPIKE_FACTOR, ExperimentView, RunView, axis_name, describe, short_name
-from ..store import as_float, atomic_write_text
+from ..store import StoreError, as_float, atomic_write_text, unwritable
 
 REPORT_NAME = "REPORT.md"
 PAPER_TEXT = {"residual": "1 (by construction)", "hc": "≈ 3000", "mhc": "≤ ≈ 1.6 (forward 1 by construction)",
@@ -228,8 +230,8 @@ GROWTH_DEFINITION = (
     "For every run whose composite gain (the larger of forward and backward, token mean) passed "
     "the paper's 3000 at a probe: the first probe step above 3000, the share of the probes from "
     "the end of warmup on that stayed above it, the peak and where it fell in the learning-rate "
-    "schedule, and the growth rate of log10(gain) per 100 steps from step 0 to the peak "
-    "(least-squares fit over the probes)."
+    "schedule, and the growth rate of log10(gain) per 100 steps up to the peak, from step 0 and "
+    "from the end of warmup (least-squares fits over the probes)."
 )
 
 
@@ -237,12 +239,14 @@ def growth_table(view: ExperimentView) -> TableData:
     """When and for how long each run's gain stayed past 3000 (derived.py)."""
     table = TableData(f"{view.name}: gain past 3000 over training", [
         "run", "connection", "first step > 3000", "share of probes > 3000 after warmup", "peak gain",
-        "peak step", "in the schedule", "log10 gain / 100 steps to the peak"], text_columns=2)
+        "peak step", "in the schedule", "log10 gain / 100 steps to the peak: from 0", "from warmup's end"],
+        text_columns=2)
     for row in growth_rows(view):
         table.rows.append([
             row.run.run_id, row.run.connection, str(row.first_above), f"{row.share_above:.0%}",
             fmt_number(row.peak_gain), str(row.peak_step), schedule_phase(row.peak_step, row.warmup, row.steps),
             "-" if math.isnan(row.slope) else f"{100 * row.slope:.2f}",
+            "-" if math.isnan(row.slope_after_warmup) else f"{100 * row.slope_after_warmup:.2f}",
         ])
     return table
 
@@ -259,6 +263,14 @@ def problems_table(view: ExperimentView) -> TableData:
     for run_id in view.unfinished:
         table.rows.append([run_id, "unfinished", "-",
                            "no summary.json yet: still running, or interrupted (rerun to resume)"])
+    return table
+
+
+def damaged_table(view: ExperimentView) -> TableData:
+    """Runs whose files fail their integrity check: the file and what is wrong."""
+    table = TableData(f"{view.name}: damaged runs (left out)", ["run", "damage"], text_columns=2)
+    for check in view.damaged:
+        table.rows.append([check.run_id, check.problem])
     return table
 
 
@@ -311,7 +323,7 @@ def reading(view: ExperimentView) -> list[str]:
                          f"{fmt_number(max(v))} times for {NAMES[c]}" for c, v in growth.items() if v)
                      + baseline + " (figure signal_by_layer).")
     pair = representative_runs(view)
-    if is_pair(view, pair) and pair["mhc"].peak_gain > 0:
+    if is_pair(view, pair) and 0 < pair["mhc"].peak_gain < math.inf and math.isfinite(pair["hc"].peak_gain):
         ratio = pair["hc"].peak_gain / pair["mhc"].peak_gain
         settings = describe({k: pair["hc"].setting(k) for k in view.axes if pair["hc"].setting(k) is not None})
         lines.append(f"At the same settings{f' ({settings})' if settings else ''} and seed {pair['hc'].seed}, "
@@ -322,8 +334,7 @@ def reading(view: ExperimentView) -> list[str]:
 def _hc_sentence(run: RunView) -> str:
     gain, paper = run.peak_gain, PAPER_GAIN["hc"]
     where = f"({_where(run)})"
-    context = ("the paper's ≈ 3000 came from a 27B model with 60 layers trained for 50k steps; "
-               "independent small reproductions saw about 9x at 10M parameters (DESIGN.md section 5)")
+    context = "the paper's ≈ 3000 came from a 27B model with 60 layers trained for 50k steps (mHC paper, arXiv 2512.24880)"
     if math.isinf(gain):
         return (f"HC's composite gain overflowed float64 {where}: unbounded amplification, far past the "
                 "paper's ≈ 3000.")
@@ -361,8 +372,7 @@ def _mhc_sentences(view: ExperimentView, run: RunView) -> list[str]:
     change, col_err = moved
     if change < 1e-2:
         second = (f"Caution: {NAMES[run.connection]}'s H_res hardly moved during training (its distance from I changed by at most "
-                  f"{fmt_number(change)}), so a gain near 1 may only mean H_res stayed at its initialisation "
-                  "(DESIGN.md section 4).")
+                  f"{fmt_number(change)}), so a gain near 1 may only mean H_res stayed at its initialisation.")
     else:
         second = (f"{NAMES[run.connection]}'s H_res moved during training (a layer's mean distance from I changed by up to "
                   f"{fmt_number(change)}), so the bound reflects the constraint, not a frozen H_res; worst "
@@ -422,6 +432,7 @@ def build_report(view: ExperimentView, figures: PlotResult) -> str:
     """The text of REPORT.md."""
     parts = [f"# {view.name}\n", f"{view.description}\n" if view.description else "",
              f"Results folder `{view.store.root}`: {len(view.runs)} finished runs"
+             f"{f', {len(view.damaged)} damaged (left out)' if view.damaged else ''}"
              f"{f', {len(view.unfinished)} unfinished' if view.unfinished else ''}. "
              f"Report written by mhc-lab {__version__} on {time.strftime('%Y-%m-%d %H:%M')}.\n",
              "## Experiment\n", f"```yaml\n{view.experiment_text.rstrip()}\n```\n"]
@@ -444,6 +455,10 @@ def build_report(view: ExperimentView, figures: PlotResult) -> str:
     if breakers.rows:
         parts += ["## Which layers break the bound\n", breakers.markdown(), BREAKERS_DEFINITION + "\n"]
     parts += ["## Figures\n", *_figure_sections(view, figures)]
+    if view.damaged:
+        parts += ["## Damaged runs, left out of this report\n", damaged_table(view).markdown(),
+                  "Their files differ from what the runs wrote (`mhc-lab check` explains the record); "
+                  "`mhc-lab check --repair` moves them aside and `mhc-lab run` trains them again.\n"]
     problems = problems_table(view)
     parts += ["## Diverged, failed and unfinished runs\n",
               problems.markdown() if problems.rows else "None: every run completed.\n"]
@@ -458,6 +473,9 @@ def _figure_sections(view: ExperimentView, figures: PlotResult) -> list[str]:
     if figures.skipped:
         sections.append("Not drawn (no data for them in this sweep):\n\n"
                         + "".join(f"- {s}\n" for s in figures.skipped))
+    if figures.failed:
+        sections.append("Not drawn (the figure failed; the others are unaffected):\n\n"
+                        + "".join(f"- {s}\n" for s in figures.failed))
     return sections or ["No figures.\n"]
 
 
@@ -472,7 +490,11 @@ class ReportResult:
 
 
 def write_report(view: ExperimentView, on_event: Callable[[str], None] = lambda line: None) -> ReportResult:
-    """Draw missing or stale figures into <results>/figures (PNG) and write <results>/REPORT.md."""
+    """Draw missing or stale figures into <results>/figures (PNG) and write <results>/REPORT.md
+    (StoreError, one line, before drawing anything if the folder cannot be written)."""
+    problem = unwritable(view.store.root)
+    if problem is not None:
+        raise StoreError(f"{problem}: cannot write {REPORT_NAME} and its figures there")
     figures = plot_experiment(view, view.store.root / "figures", "png", keep_fresh=True, on_event=on_event)
     path = view.store.root / REPORT_NAME
     atomic_write_text(path, build_report(view, figures))
@@ -480,4 +502,6 @@ def write_report(view: ExperimentView, on_event: Callable[[str], None] = lambda 
     problems = problems_table(view)
     if problems.rows:
         tables.append(problems)
+    if view.damaged:
+        tables.append(damaged_table(view))
     return ReportResult(path, figures, tables, reading(view))

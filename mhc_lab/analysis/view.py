@@ -23,7 +23,9 @@ import numpy as np
 import yaml
 
 from ..experiment.config import CONNECTIONS, IRRELEVANT_MODEL_FIELDS
-from ..store import ExperimentStore, RunFiles, StoreError, as_float, open_results, read_jsonl, peak_gain
+from ..store import (
+    ExperimentStore, RunCheck, RunFiles, StoreError, as_float, check_store, open_results, peak_gain, read_jsonl,
+)
 
 CONNECTION = "model.connection"
 TOLERANCE = "model.sinkhorn_tol"
@@ -265,6 +267,7 @@ class ExperimentView:
     runs: list[RunView]
     unfinished: list[str] = field(default_factory=list)
     resolved: dict = field(default_factory=dict)
+    damaged: list[RunCheck] = field(default_factory=list)  # left out of `runs`: files fail their check
 
     @property
     def name(self) -> str:
@@ -376,22 +379,39 @@ def _is_number(value: Any) -> bool:
 
 
 def load_view(path: Path | str) -> ExperimentView:
-    """Read an experiment results folder (StoreError if it is not one or is unreadable)."""
+    """Read an experiment results folder (StoreError if it is not one or is unreadable).
+
+    Every finished run is checked first (store/integrity.py): a damaged one is left out of
+    `runs` and listed in `damaged`, so no figure or table shows half a result as a whole one."""
     store = open_results(path)
     try:
+        damaged = [c for c in check_store(store) if c.damaged]
+        bad = {c.run_id for c in damaged}
         runs = []
         for summary in store.summaries():
-            files = store.run(summary["run_id"])
-            runs.append(RunView(files, summary, _run_config(files, summary)))
-        resolved = {}
-        if store.resolved_yaml.exists():
-            resolved = yaml.safe_load(store.resolved_yaml.read_text(encoding="utf-8")) or {}
+            files = store.run(str(summary.get("run_id", "")))
+            if files.run_id not in bad:
+                runs.append(RunView(files, summary, _run_config(files, summary)))
     except (OSError, ValueError, KeyError, yaml.YAMLError) as exc:  # JSON errors are ValueErrors
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise StoreError(f"{store.root}: cannot read the results ({reason})") from None
-    done = {r.run_id for r in runs}
+    resolved = _resolved(store)
+    done = {r.run_id for r in runs} | bad
     unfinished = [rid for rid in store.run_ids() if rid not in done]
-    return ExperimentView(store, runs, unfinished, resolved)
+    return ExperimentView(store, runs, unfinished, resolved, damaged)
+
+
+def _resolved(store: ExperimentStore) -> dict:
+    """resolved.yaml as a mapping ({} if absent); StoreError naming it if it is damaged."""
+    if not store.resolved_yaml.exists():
+        return {}
+    try:
+        data = yaml.safe_load(store.resolved_yaml.read_text(encoding="utf-8")) or {}
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise StoreError(f"{store.resolved_yaml}: damaged, not readable as YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise StoreError(f"{store.resolved_yaml}: damaged, not a mapping of experiment keys")
+    return data
 
 
 def _run_config(files: RunFiles, summary: dict) -> dict[str, Any]:

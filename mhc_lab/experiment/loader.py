@@ -66,7 +66,9 @@ def load_experiment(
     lines = _key_lines(root_node)
     for item in overrides:
         _apply_override(path, data, item)
-    config = _validate(path, lines, data, {key: (origins or {}).get(key, "--set") for key in _override_keys(overrides)})
+    set_keys = {key: (origins or {}).get(key, "--set") for key in _override_keys(overrides)}
+    config = _validate(path, lines, data, set_keys)
+    _refuse_swept_overrides(path, lines, config, set_keys)
     runs = _expand(path, lines, config)
     _check_data_paths(path, lines, runs)
     return Experiment(path, text, config, runs, tuple(overrides))
@@ -90,6 +92,22 @@ def _apply_override(path: Path, data: dict, item: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"{path}: --set {key}: {part!r} is not a section")
     node[parts[-1]] = value
+
+
+def _refuse_swept_overrides(path: Path, lines: dict[str, int], config: ExperimentConfig, set_keys: dict[str, str]) -> None:
+    """A key given with --set that the sweep also sets would be silently overridden by the
+    sweep's values in every run: refused, with the way to change the sweep instead."""
+    grid = set(config.sweep.grid)
+    points = {key for point in config.sweep.points for key in point}
+    for key, origin in set_keys.items():
+        if key in grid or key in points:
+            section = "sweep.grid" if key in grid else "sweep.points"
+            fix = (f"--set 'sweep.grid.{key}=[...]'" if key in grid else "edit sweep.points")
+            raise ConfigError(
+                f"{_where(path, lines, f'{section}.{key}' if key in grid else section)}: {origin} {key}: "
+                f"{section} sets {key} for every run it makes, so the sweep's values would win; "
+                f"change them instead ({fix})"
+            )
 
 
 def _override_keys(overrides) -> list[str]:

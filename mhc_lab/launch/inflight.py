@@ -15,7 +15,7 @@ import os
 from typing import Any
 
 from ..errors import MhcLabError
-from ..store import ExperimentStore, RunFiles
+from ..store import ExperimentStore, RunFiles, StoreError
 
 CLUSTERS = {"slurm": "slurm", "submitit-local": "local"}  # launcher.kind -> submitit cluster
 # Scheduler states of a job that may still train (submitit counts UNKNOWN as unfinished too:
@@ -54,8 +54,15 @@ def read_jobs(store: ExperimentStore) -> dict[str, JobRecord]:
     """run_id -> its latest job, from jobs.json (empty if nothing was ever submitted)."""
     if not store.jobs_json.exists():
         return {}
-    data = json.loads(store.jobs_json.read_text(encoding="utf-8"))
-    return {rid: JobRecord(run_id=rid, **rec) for rid, rec in data.get("jobs", {}).items()}
+    try:
+        data = json.loads(store.jobs_json.read_text(encoding="utf-8"))
+        records = {rid: JobRecord(run_id=rid, **rec) for rid, rec in data.get("jobs", {}).items()}
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise StoreError(f"{store.jobs_json}: damaged, not a list of submitted jobs ({exc}); "
+                         "move it aside if no job of this folder is still running") from None
+    for rid in records:
+        store.run(rid)  # a plain run id, or StoreError: never a path out of the folder
+    return records
 
 
 # -- job states ------------------------------------------------------------------------------
@@ -77,7 +84,10 @@ def job_state(record: JobRecord, job: Any = None) -> str:
     if paths.result_pickle.exists():
         return "FINISHED"
     if record.cluster == "local" and job is None:  # a local job of another process: its pid
-        return "RUNNING" if _pid_alive(int(record.job_id)) else "INTERRUPTED"
+        pid = str(record.job_id)
+        if not pid.isdigit() or int(pid) <= 0:  # not a process id (a jobs.json from elsewhere)
+            return "INTERRUPTED"
+        return "RUNNING" if _pid_alive(int(pid)) else "INTERRUPTED"
     state = (job if job is not None else job_handle(record)).state
     return str(state).split()[0].upper()  # e.g. "CANCELLED by 1234" -> CANCELLED
 

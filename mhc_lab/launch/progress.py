@@ -55,6 +55,9 @@ class RichReporter:
         self.run_tasks[run.run_id] = self.progress.add_task(run.run_id, total=run.config.train.steps, info="")
 
     def run_event(self, run: PlannedRun, event: dict) -> None:
+        if event["event"] == "note":  # e.g. "resuming <run> from step N"
+            self.progress.console.print(f"  {event['line']}", markup=False, highlight=False, soft_wrap=True)
+            return
         if event["event"] == "probe":
             self.gains[run.run_id] = event["peak"]
             return
@@ -69,7 +72,7 @@ class RichReporter:
         if task is not None:
             self.progress.remove_task(task)
         self.progress.advance(self.sweep_task)
-        self.progress.console.print(_finished_line(summary))
+        self.progress.console.print(_finished_line(summary), markup=False, highlight=False)  # a reason may hold [..]
 
     def close(self) -> None:
         self.progress.stop()
@@ -99,6 +102,9 @@ class PlainReporter:
         self.console.print(f"[{self.started}/{self.total}] {run.run_id}: {run.config.train.steps} steps")
 
     def run_event(self, run: PlannedRun, event: dict) -> None:
+        if event["event"] == "note":  # e.g. "resuming <run> from step N"
+            self.console.print(f"  {event['line']}", markup=False, highlight=False, soft_wrap=True)
+            return
         if event["event"] == "probe":
             self.gains[run.run_id] = event["peak"]
             return
@@ -114,7 +120,7 @@ class PlainReporter:
         self.done += 1
         self.last.pop(run.run_id, None)
         self.gains.pop(run.run_id, None)
-        self.console.print(_finished_line(summary))
+        self.console.print(_finished_line(summary), markup=False, highlight=False)  # a reason may hold [..]
 
     def close(self) -> None:
         pass

@@ -147,7 +147,7 @@ class SubmititLauncher(LockedLauncher):
             return outcome
         everything = [r for r in exp.runs if r.run_id in done or r.run_id in handles]
         reporter.sweep_started(everything, done)
-        outcome.lost = _watch(exp, store, watched, handles, records, reporter, everything)
+        outcome.lost = _watch(exp, store, watched, handles, records, reporter, everything, set(outcome.submitted))
         store.write_summary_csv([r.run_id for r in exp.runs])
         outcome.summaries = [s for r in everything if (s := store.run(r.run_id).read_summary())]
         return outcome
@@ -181,9 +181,9 @@ def _submit(exp: Experiment, store: ExperimentStore, todo: list[PlannedRun]) -> 
     return {run.run_id: job for run, job in zip(todo, jobs)}
 
 
-def _watch(exp, store, runs, handles, records, reporter, everything) -> list[str]:
+def _watch(exp, store, runs, handles, records, reporter, everything, submitted: set[str]) -> list[str]:
     """Relay the runs' progress from their files until every job has ended; returns one line
-    per job that ended without a result."""
+    per job that ended without a result (`submitted`: the runs this process submitted)."""
     index = {r.run_id: i for i, r in enumerate(everything)}
     readers = {r.run_id: _ProgressReader(store.run(r.run_id)) for r in runs}
     pending = {r.run_id: r for r in runs}
@@ -201,7 +201,7 @@ def _watch(exp, store, runs, handles, records, reporter, everything) -> list[str
                 time.sleep(0.2)  # the job may have written its summary just now
                 summary = store.run(rid).read_summary()
                 if summary is None:
-                    lost.append(_lost_line(records[rid], handles.get(rid)))
+                    lost.append(_lost_line(records[rid], handles.get(rid), own=rid in submitted))
                     del pending[rid]
                     continue
             if summary is not None:
@@ -214,10 +214,13 @@ def _watch(exp, store, runs, handles, records, reporter, everything) -> list[str
     return lost
 
 
-def _lost_line(record: JobRecord, job: Any) -> str:
+def _lost_line(record: JobRecord, job: Any, own: bool) -> str:
+    """Why a job ended without a result. submitit's result pickle (the job's exception) is
+    read only for a job this process submitted: a folder from elsewhere could hold a crafted
+    one (docs/results-format.md)."""
     state = job_state(record, job)
     detail = ""
-    if job is not None:
+    if job is not None and own:
         try:
             error = job.exception()
         except Exception as exc:  # noqa: BLE001 - only for the message
@@ -262,4 +265,10 @@ class _ProgressReader:
             data = f.read()
         complete = data[: data.rfind(b"\n") + 1]
         self.offsets[path] += len(complete)
-        return [json.loads(line) for line in complete.decode("utf-8").splitlines() if line]
+        records = []
+        for line in complete.decode("utf-8", errors="replace").splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:  # a damaged line: `mhc-lab check` names it once the run is done
+                continue
+        return records

@@ -9,7 +9,8 @@ means is the mean over the whole batch, so each update is the single-process upd
 float rounding). The logged loss is averaged over ranks; the gradient norm is that of the
 averaged gradient, as one process would see it. Probes (val_loss, the gain), checkpoints and
 every results file are rank 0's alone; on resume rank 0 reads the checkpoint and sends it to
-the others, so only rank 0 needs the results folder. Backend: NCCL on CUDA, gloo on CPU; bf16
+the others, so only rank 0 needs the results folder. Every rank dies with torchrun's agent
+(lifeline.py): killing torchrun leaves no rank training or waiting on the others. Backend: NCCL on CUDA, gloo on CPU; bf16
 autocast (train.autocast_bf16) wraps the DDP forward as it wraps the plain one.
 
 Without --run-id, the pending runs of the sweep train one after another, each over all ranks.
@@ -21,7 +22,6 @@ set) comes here too.
 from __future__ import annotations
 
 import argparse
-import io
 import math
 import os
 import sys
@@ -39,8 +39,9 @@ from ..experiment.config import RunConfig
 from ..experiment.loader import ConfigError, Experiment, load_experiment
 from ..store import ExperimentStore, JsonlWriter, RunFiles
 from ..training.runner import execute_run
-from ..training.trainer import Trainer, pick_device
+from ..training.trainer import Trainer, pick_device, read_checkpoint
 from .base import Launcher, Reporter, SilentReporter, SweepOutcome, open_store, plan
+from .lifeline import die_if_orphaned, die_with_parent
 
 
 def world_size() -> int:
@@ -97,12 +98,14 @@ class DataParallelTrainer(Trainer):
             super().save_checkpoint()
 
     def load_checkpoint(self) -> bool:
-        """Rank 0 resumes from its checkpoint (truncating its logs) and sends it to the others."""
+        """Rank 0 resumes from its checkpoint (or the previous one, or starts afresh:
+        trainer.Trainer.load_checkpoint) and sends the bytes it resumed from to the others,
+        which read them as it did: weights only, never unpickling code."""
         found = super().load_checkpoint() if self.rank == 0 else False
-        message = [self.files.checkpoint.read_bytes() if found else None]
+        message = [self.resumed_from if found else None]
         dist.broadcast_object_list(message, src=0)  # also keeps rank 0 from writing before all have read
         if message[0] is not None and self.rank != 0:
-            self.restore(torch.load(io.BytesIO(message[0]), map_location=self.device, weights_only=False))
+            self.restore(read_checkpoint(message[0], self.device, f"{self.files.checkpoint} (from rank 0)"))
         return message[0] is not None
 
     def _finish(self, status: str, reason: Optional[str], diverged_step: Optional[int], steps_done: int) -> dict:
@@ -117,8 +120,14 @@ def train_data_parallel(
     cfg: RunConfig, files: RunFiles, base_dir: Optional[Path] = None, progress=None, logger=None
 ) -> dict:
     """trainer.train_run over all ranks (every rank calls it; rank 0's summary is the run's,
-    and only rank 0 gets a `logger`, from execute_run)."""
-    return DataParallelTrainer(cfg, files, base_dir, progress, logger).run()
+    and only rank 0 gets a `logger`, from execute_run). A rank whose torchrun is gone dies
+    instead of raising: its peer's death (by the same kill) is no failure of the run to record,
+    and the run resumes from its checkpoint."""
+    try:
+        return DataParallelTrainer(cfg, files, base_dir, progress, logger).run()
+    except Exception:
+        die_if_orphaned()
+        raise
 
 
 class TorchrunLauncher(Launcher):
@@ -260,6 +269,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from .progress import PlainReporter, summary_table
 
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun's agent: never outlive it
+        die_with_parent(os.getppid())
     args = parse_args(argv)
     overrides = list(args.overrides) + ([f"train.device={args.device}"] if args.device else [])
     rank = int(os.environ.get("RANK", "0"))

@@ -10,6 +10,10 @@ split: every worker uses max(1, cores // workers) torch threads unless train.thr
 Progress travels as messages on one queue: ("started" | "event" | "finished", run_id, payload).
 Ctrl-C reaches the parent (workers ignore SIGINT); it sets a stop flag that every worker checks
 at its next progress event, leaving the run's last checkpoint to resume from.
+
+Workers die with the parent, whatever kills it, and each holds a copy of the parent's lock on
+the results folder (lifeline.py): the folder stays locked until the last worker has exited,
+so a rerun can never race a worker for the same files.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from ..experiment.sweep import PlannedRun
 from ..store import ExperimentStore
 from ..training.runner import execute_run
 from .base import LockedLauncher, Reporter, SweepOutcome, plan
+from .lifeline import InheritedFd, die_with_parent
 
 POLL_S = 0.2  # how long the parent waits for a message before checking its workers
 
@@ -50,11 +55,13 @@ def cpu_cores() -> int:
 
 _messages = None  # the queue to the parent
 _stop = None  # set by the parent: stop at the next progress event
+_lock = None  # the parent's folder lock, held open until this worker exits
 
 
-def _init_worker(messages, stop, threads: int) -> None:
-    global _messages, _stop
-    _messages, _stop = messages, stop
+def _init_worker(messages, stop, threads: int, parent_pid: int, lock: Optional[InheritedFd]) -> None:
+    global _messages, _stop, _lock
+    die_with_parent(parent_pid, kernel_signal=True)  # the pool's thread lives as long as the pool
+    _messages, _stop, _lock = messages, stop, lock
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and sets `stop`
     import torch
 
@@ -101,9 +108,9 @@ class WorkersLauncher(LockedLauncher):
             ctx = mp.get_context("spawn")
             messages, stop = ctx.Queue(), ctx.Event()
             threads = max(1, cpu_cores() // n_workers)
-            with cf.ProcessPoolExecutor(
-                n_workers, mp_context=ctx, initializer=_init_worker, initargs=(messages, stop, threads)
-            ) as pool:
+            lock = InheritedFd(store.lock_fd) if store.lock_fd is not None else None
+            initargs = (messages, stop, threads, os.getpid(), lock)
+            with cf.ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_init_worker, initargs=initargs) as pool:
                 futures = {pool.submit(_train_one, exp, run, str(store.root)): run for run in todo}
                 try:
                     _relay(messages, futures, runs, summaries, store, all_ids, reporter)

@@ -12,6 +12,11 @@ token, (L, T, n, n); everything is computed in float64. Layers are indexed from 
 - per token first, then aggregated over tokens as `mean` and `max`.
 
 A product that overflows float64 has gain +inf (never NaN).
+
+The composite order follows the mHC paper's Fig. 3 legend (prod_{i=1}^{l} H_{l+1-i} forward,
+prod_{i=1}^{61-l} H_{61-i} backward, 1-based), which is also the order in which
+x_{l+1} = H_l x_l applies the matrices. Its caption's prod_{i=1}^{L-l} H_{L-i}, read
+literally, leaves out the last layer; docs/design.md gives both readings' numbers.
 """
 
 from __future__ import annotations

@@ -8,13 +8,19 @@
     <out>/<name>/runs/<run_id>/probes.jsonl  one JSON object per probe (gain metric, val_loss)
     <out>/<name>/runs/<run_id>/hres.npz      H_res [layers, tokens, n, n] at the peak and last probe
     <out>/<name>/runs/<run_id>/summary.json  the run's row plus environment and details
-    <out>/<name>/runs/<run_id>/checkpoint.pt while a run is unfinished (deleted at its end)
+    <out>/<name>/runs/<run_id>/checkpoint.pt while a run is unfinished (deleted at its end), with
+                                             checkpoint.previous.pt, the one before it
+    <out>/<name>/.locks/<run_id>.lock        held by the process training that run (`ls`: training)
+    <out>/<name>/damaged/<run_id>.<time>/    runs that failed their integrity check, moved aside
     <out>/<name>/jobs.json                   submitit jobs: run_id -> job id, cluster, log folder
     <out>/<name>/jobs/                       submitit's job files and logs (launcher.log_folder)
 
 Whole files are written atomically (temp file + rename); JSONL lines are appended and flushed.
-A run is finished exactly when its summary.json exists. summary.csv is rebuilt from the runs'
-summary.json files under a lock (`<out>/.<name>.summary.lock`), so concurrent jobs cannot lose rows.
+A run is finished exactly when its summary.json exists; it records what the run wrote (line
+counts and sha256 per file, integrity.py), so damage found later is named, never read as a
+result. summary.csv is rebuilt from the runs' summary.json files under a lock
+(`<out>/.<name>.summary.lock`), so concurrent jobs cannot lose rows. Every file that cannot be
+read, or is damaged, is a one-line StoreError naming it (docs/results-format.md).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -45,7 +52,22 @@ FINISHED = ("completed", "diverged", "failed")
 
 
 class StoreError(MhcLabError):
-    """A results folder that is missing, malformed or in use."""
+    """A results folder that is missing, malformed, unwritable or in use."""
+
+
+class DamagedResults(StoreError):
+    """A file of a finished run that cannot be read back, or differs from what the run wrote
+    (exit code 1: the command did what it could with the other runs)."""
+
+    exit_code = 1
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception as a short phrase for a one-line message."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 def _file_mode() -> int:
@@ -150,16 +172,26 @@ class RunFiles:
         self.hres = root / "hres.npz"
         self.summary = root / "summary.json"
         self.checkpoint = root / "checkpoint.pt"
+        self.previous_checkpoint = root / "checkpoint.previous.pt"  # the one before, kept as a fallback
+        self.unreadable_checkpoint = root / "checkpoint.unreadable.pt"  # one that failed to load
         self.error = root / "error.txt"
+        self.lock = root.parent.parent / ".locks" / f"{root.name}.lock"  # held while a process trains it
 
     @property
     def run_id(self) -> str:
         return self.root.name
 
     def read_summary(self) -> Optional[dict]:
-        if not self.summary.exists():
+        """summary.json (None while the run is unfinished); DamagedResults if it cannot be read."""
+        try:
+            data = json.loads(self.summary.read_text(encoding="utf-8"))
+        except FileNotFoundError:
             return None
-        return json.loads(self.summary.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise DamagedResults(f"{self.summary}: damaged, not readable as JSON ({_reason(exc)})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("status"), str):
+            raise DamagedResults(f"{self.summary}: damaged, not a run summary (no `status`)")
+        return data
 
     def write_summary(self, summary: dict) -> None:
         atomic_write_text(self.summary, json.dumps(_finite(summary), indent=2) + "\n")
@@ -172,8 +204,16 @@ class RunFiles:
         atomic_write_bytes(self.hres, buf.getvalue())
 
     def load_hres(self) -> dict[str, np.ndarray]:
-        with np.load(self.hres) as data:
-            return {k: data[k] for k in data.files}
+        """hres.npz's arrays; never unpickles (allow_pickle=False): DamagedResults instead."""
+        try:
+            with np.load(self.hres, allow_pickle=False) as data:
+                arrays = {k: data[k] for k in data.files}
+        except Exception as exc:  # noqa: BLE001 - zip, zlib, format and pickle errors alike
+            raise DamagedResults(f"{self.hres}: damaged, not a readable .npz ({_reason(exc)})") from None
+        missing = {"peak", "final", "peak_step", "final_step"} - set(arrays)
+        if missing:
+            raise DamagedResults(f"{self.hres}: damaged, lacks {', '.join(sorted(missing))}")
+        return arrays
 
 
 class ExperimentStore:
@@ -186,10 +226,20 @@ class ExperimentStore:
         self.experiment_yaml = self.root / "experiment.yaml"
         self.resolved_yaml = self.root / "resolved.yaml"
         self.jobs_json = self.root / "jobs.json"
+        self.damaged_dir = self.root / "damaged"
+        # The descriptor of the folder lock when this process holds it (launch/base.py
+        # open_store): launchers hand it to the processes they start, so the lock lasts
+        # until the last of them has exited.
+        self.lock_fd: Optional[int] = None
 
     @property
     def name(self) -> str:
         return self.root.name
+
+    @property
+    def folder_lock(self) -> Path:
+        """`<out>/.<name>.lock`: held by the `mhc-lab run` writing this folder (launch/base.py)."""
+        return self.root.parent / f".{self.name}.lock"
 
     def lock_path(self, purpose: str) -> Path:
         """`<out>/.<name>.<purpose>.lock`: beside the folder, like the run lock (runner.py)."""
@@ -199,6 +249,10 @@ class ExperimentStore:
         return self.experiment_yaml.exists()
 
     def run(self, run_id: str) -> RunFiles:
+        """The files of a run; its id must be a plain folder name (ids also come from files
+        such as jobs.json, which must never point outside the folder)."""
+        if not run_id or run_id.startswith(".") or "/" in run_id or "\\" in run_id:
+            raise StoreError(f"{self.root}: {run_id!r} is not a run id")
         return RunFiles(self.runs_dir / run_id)
 
     def run_ids(self) -> list[str]:
@@ -207,9 +261,13 @@ class ExperimentStore:
         return sorted(p.name for p in self.runs_dir.iterdir() if p.is_dir())
 
     def summaries(self) -> list[dict]:
-        """Every finished run's summary.json, in summary.csv order when it exists."""
-        order = [row["run_id"] for row in self.read_summary_csv()] if self.summary_csv.exists() else []
-        found = {rid: s for rid in self.run_ids() if (s := self.run(rid).read_summary())}
+        """Every finished run's readable summary.json, in summary.csv order when it exists
+        (integrity.check_store names the unreadable ones)."""
+        try:
+            order = [row.get("run_id") for row in self.read_summary_csv()] if self.summary_csv.exists() else []
+        except (OSError, ValueError, csv.Error):  # summary.csv is derived: its order is a nicety
+            order = []
+        found = {rid: s for rid in self.run_ids() if (s := _readable_summary(self.run(rid)))}
         ordered = [found.pop(rid) for rid in order if rid in found]
         return ordered + [found[rid] for rid in sorted(found)]
 
@@ -223,7 +281,7 @@ class ExperimentStore:
         with blocking_lock(self.lock_path("summary")):
             ordered = list(dict.fromkeys(run_ids))
             ordered += sorted(set(self.run_ids()) - set(ordered))
-            rows = [s for rid in ordered if (s := self.run(rid).read_summary())]
+            rows = [s for rid in ordered if (s := _readable_summary(self.run(rid)))]
             buf = io.StringIO()
             writer = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
             writer.writeheader()
@@ -236,24 +294,71 @@ class ExperimentStore:
             return list(csv.DictReader(f))
 
 
+def _readable_summary(files: RunFiles) -> Optional[dict]:
+    try:
+        return files.read_summary()
+    except DamagedResults:  # not a row: `mhc-lab check` names it, `run` retrains it
+        return None
+
+
+IN_USE = "another `mhc-lab run` is using this results folder; wait for it to finish or choose another --out"
+
+
 @contextmanager
-def exclusive_lock(lock_path: Path, folder: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `lock_path`; a second holder refuses at once (StoreError)."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(lock_path, "w")
+def exclusive_lock(lock_path: Path, folder: Path, in_use: str = IN_USE, tries: int = 1) -> Iterator[int]:
+    """Hold an exclusive lock on `lock_path` and yield its file descriptor; a second holder
+    refuses (StoreError `<folder>: <in_use>`) after `tries` attempts 50 ms apart.
+
+    The lock belongs to the open file, not to this process: a process started with a copy of
+    the descriptor (launch/workers.py) keeps it held until it exits too. So it is never
+    unlocked explicitly, only closed."""
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise StoreError(
-            f"{folder}: another `mhc-lab run` is using this results folder; wait for it to "
-            "finish or choose another --out"
-        ) from None
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock_path, "a")  # never truncates: a reader may hold it (is_locked)
+    except OSError as exc:
+        raise StoreError(f"{lock_path}: cannot create the lock file ({_reason(exc)}); "
+                         f"{folder.parent if folder != lock_path.parent else folder} must be writable") from None
+    with handle:
+        for attempt in range(tries):
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == tries - 1:
+                    raise StoreError(f"{folder}: {in_use}") from None
+                time.sleep(0.05)
+        yield handle.fileno()
+
+
+def is_locked(lock_path: Path) -> bool:
+    """Whether some process holds the lock on `lock_path` now (writes nothing; a lock file that
+    does not exist is not held)."""
     try:
-        yield
-    finally:
+        handle = open(lock_path, "rb")
+    except OSError:
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
         fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
+        return False
+
+
+def unwritable(path: Path) -> Optional[str]:
+    """Why files cannot be created in folder `path` (or in the nearest existing folder above
+    it, where it would be created), or None. Asks the OS (access(2)), so it writes nothing
+    and knows read-only mounts and immutable folders, which root cannot write either."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        return f"{existing}: exists and is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing}: not writable"
+    return None
 
 
 @contextmanager

@@ -5,13 +5,21 @@ s holds the loss of the model after s updates on batch s (then update s+1 is app
 probe of step s measures that same model, so probes run at s = 0, every, 2*every, ... and at
 s = steps (after the last update). Batches depend only on (seed, step), and a checkpoint is
 saved at every probe, so an interrupted run resumes to the same numbers.
+
+Checkpoints hold tensors and plain numbers only and are read with `torch.load(...,
+weights_only=True)`, so one from someone else's results folder cannot run code. The previous
+checkpoint is kept beside the newest: an unreadable checkpoint (damaged, or refused) falls
+back to it, else to a fresh start of the run, each with one line (a `note` progress event).
 """
 
 from __future__ import annotations
 
 import io
 import math
+import os
+import pickle
 import platform
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,6 +39,40 @@ from .schedule import learning_rate
 from ..store import JsonlWriter, RunFiles, atomic_write_bytes, truncate_jsonl
 
 ProgressCallback = Callable[[dict], None]
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be resumed from; the message is one line naming the file."""
+
+
+def read_checkpoint(data: bytes, device: torch.device, name: str = "checkpoint") -> dict:
+    """A checkpoint's contents, from its bytes, or CheckpointError.
+
+    `weights_only=True`: torch unpickles only tensors, containers and plain numbers and
+    strings (all a checkpoint holds: model and AdamW state dicts, run state; no allow-list is
+    needed), and refuses anything else, such as a pickled callable, without running it."""
+    try:
+        payload = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:  # the weights-only unpickler's refusals
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if found:
+            raise CheckpointError(
+                f"{name}: refused, it holds a pickled Python object ({found.group(1)}), not only "
+                "tensors and numbers; a checkpoint from elsewhere could run code this way") from None
+        raise CheckpointError(f"{name}: unreadable (not a torch checkpoint)") from None
+    except Exception as exc:  # noqa: BLE001 - torn zips, wrong formats
+        text = str(exc).strip()
+        reason = text.splitlines()[0].split(". ")[0][:160] if text else type(exc).__name__
+        raise CheckpointError(f"{name}: unreadable ({reason})") from None
+    if not isinstance(payload, dict) or not {"model", "optimizer", "state"} <= set(payload):
+        raise CheckpointError(f"{name}: unreadable (not an mhc-lab checkpoint: no model, optimizer and state)")
+    return payload
+
+
+def _print_note(event: dict) -> None:
+    """The default progress callback: only notes matter without a display (job logs)."""
+    if event.get("event") == "note":
+        print(event["line"], file=sys.stderr, flush=True)
 
 
 def pick_device(name: str) -> torch.device:
@@ -127,7 +169,7 @@ class Trainer:
     ) -> None:
         self.cfg = cfg
         self.files = files
-        self.progress = progress or (lambda event: None)
+        self.progress = progress or _print_note
         self.logger = logger or MetricLogger()  # live logging (W&B, TensorBoard): loggers/
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
@@ -150,10 +192,16 @@ class Trainer:
         self.state = RunState()
         self.last_probe: tuple[int, torch.Tensor] = (0, torch.empty(0))
         self.last_headline: dict = {}  # the last probe's headline: the run's final gains
+        self.resumed_from: Optional[bytes] = None  # the checkpoint this run resumed from
+
+    def note(self, line: str) -> None:
+        """One line for the user (the reporter prints it; a job writes it to its log)."""
+        self.progress({"event": "note", "line": line})
 
     # -- checkpoints -------------------------------------------------------------------
 
     def save_checkpoint(self) -> None:
+        """checkpoint.pt, atomically; the one it replaces becomes checkpoint.previous.pt."""
         payload = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -161,24 +209,58 @@ class Trainer:
         }
         buf = io.BytesIO()
         torch.save(payload, buf)
+        if self.files.checkpoint.exists():
+            os.replace(self.files.checkpoint, self.files.previous_checkpoint)
         atomic_write_bytes(self.files.checkpoint, buf.getvalue())
 
     def load_checkpoint(self) -> bool:
-        """Restore from checkpoint.pt if present; drop log lines written after it."""
-        if not self.files.checkpoint.exists():
+        """Restore from checkpoint.pt, else from checkpoint.previous.pt, and drop the log lines
+        written after it; with neither readable, start the run afresh. Says which in one line.
+        An unreadable checkpoint is kept as checkpoint.unreadable.pt until the run ends."""
+        files = self.files
+        candidates = [p for p in (files.checkpoint, files.previous_checkpoint) if p.exists()]
+        if not candidates:
             return False
-        self.restore(torch.load(self.files.checkpoint, map_location=self.device, weights_only=False))
-        truncate_jsonl(self.files.metrics, self.state.step)
-        truncate_jsonl(self.files.probes, self.state.step)
-        return True
+        initial = ({k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                   self.optimizer.state_dict())
+        for i, path in enumerate(candidates):
+            try:
+                data = path.read_bytes()
+                self.restore(read_checkpoint(data, self.device, str(path)))
+            except (CheckpointError, OSError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+                self.model.load_state_dict(initial[0])
+                self.optimizer.load_state_dict(initial[1])
+                self.state = RunState()
+                os.replace(path, files.unreadable_checkpoint)
+                reason = str(exc) if str(exc).startswith(str(path)) else f"{path}: unreadable ({exc})"
+                then = (f"resuming from {candidates[i + 1].name}" if i + 1 < len(candidates)
+                        else f"starting {files.run_id} afresh")
+                self.note(f"{reason.splitlines()[0]}; {then}")
+                continue
+            self.resumed_from = data
+            truncate_jsonl(files.metrics, self.state.step)
+            truncate_jsonl(files.probes, self.state.step)
+            self.note(f"resuming {files.run_id} from step {self.state.step}"
+                      + (f" ({path.name})" if path != files.checkpoint else ""))
+            return True
+        for log in (files.metrics, files.probes, files.hres):  # they belonged to the lost checkpoint
+            log.unlink(missing_ok=True)
+        return False
 
     def restore(self, payload: dict) -> None:
-        """Model, optimiser and run state from a checkpoint's contents."""
-        self.model.load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(payload["optimizer"])
+        """Model, optimiser and run state from a checkpoint's contents (checked first, so a
+        malformed one raises before anything is changed)."""
         state = dict(payload["state"])
         peak = PeakTracker(**state.pop("peak"))
-        self.state = RunState(**state, peak=peak)
+        run_state = RunState(**state, peak=peak)
+        expected = self.model.state_dict()
+        weights = payload["model"]
+        if set(weights) != set(expected) or any(
+                not isinstance(weights[k], torch.Tensor) or weights[k].shape != v.shape for k, v in expected.items()):
+            raise CheckpointError("model weights do not match this run's model")
+        self.model.load_state_dict(weights)
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.state = run_state
 
     # -- measurements ------------------------------------------------------------------
 

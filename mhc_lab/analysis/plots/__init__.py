@@ -15,8 +15,12 @@
 
 "Gain" is the paper's Amax gain magnitude (gain.py, DESIGN.md section 3), token mean; a probe's
 headline is its largest composite gain over layers. Where several seeds share a setting, lines
-are their mean and the shaded band their min-max range. Non-finite gains (overflow, stored as
-"inf") are left out of lines and counted on the panel.
+are their mean and the shaded band their min-max range. A gain that overflowed (stored as
+"inf") is a result too: it is drawn clipped at the top edge of its panel and marked.
+
+Every figure file is written atomically (temp file + rename): a reader sees the old figure or
+the new one. A figure that cannot be drawn never stops the others: it is listed in
+`PlotResult.failed` with its error, and the command says so at the end.
 
 One module per figure family: gains.py, training.py, matrices.py, constraint.py; their shared style and
 scaffolding in style.py. Figures are built on `matplotlib.figure.Figure` directly (Agg canvas:
@@ -25,12 +29,14 @@ no pyplot state, no display). Colours are Okabe-Ito (colour-blind safe), the sam
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 from matplotlib.figure import Figure
 
+from ...store import StoreError, atomic_write_bytes, unwritable
 from ..view import ExperimentView
 from .constraint import fig_constraint_health
 from .gains import fig_gain_by_layer, fig_gain_vs_scale, fig_gain_vs_step, fig_signal_by_layer
@@ -78,10 +84,12 @@ CAPTIONS = {
 
 @dataclass
 class PlotResult:
-    """What `plot_experiment` did: the figure files (written or kept) and the figures skipped."""
+    """What `plot_experiment` did: the figure files (written or kept), the figures skipped
+    (no data for them) and those that failed (`name: error`, one line each)."""
 
     written: list[Path] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
 
 
 def _kind(stem: str) -> str:
@@ -122,13 +130,17 @@ def plot_experiment(view: ExperimentView, out_dir: Optional[Path] = None, fmt: s
     """Draw every figure the sweep has data for into `out_dir` (default <results>/figures).
 
     `keep_fresh`: leave a figure file alone when it is newer than every run's results.
-    `on_event` receives one line per figure: its path, or `skipped NAME: why`.
+    `on_event` receives one line per figure: its path, `skipped NAME: why` or `failed NAME: error`.
     `smooth`: moving-average window (logged steps) of the loss and gradient-norm curves;
     None = automatic (training.smoothing_window), 0 = raw curves only.
+    StoreError (one line) if `out_dir` cannot be written; nothing is drawn then.
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     out_dir = Path(out_dir) if out_dir is not None else view.store.root / "figures"
+    problem = unwritable(out_dir)
+    if problem is not None:
+        raise StoreError(f"{problem}: cannot write the figures to {out_dir}; give another folder with --out")
     result = PlotResult()
     if not view.plottable:
         result.skipped.append("all figures: no run has data to draw (none finished, or all failed)")
@@ -139,16 +151,22 @@ def plot_experiment(view: ExperimentView, out_dir: Optional[Path] = None, fmt: s
     for name, build in FIGURES:
         try:
             figures = build(view, smooth) if name == "loss_and_grad_norm" else build(view)
+            for stem, fig in figures:
+                path = out_dir / f"{stem}.{fmt}"
+                if not (keep_fresh and path.exists() and path.stat().st_mtime >= newest):
+                    buf = io.BytesIO()
+                    fig.savefig(buf, dpi=DPI, format=fmt)
+                    atomic_write_bytes(path, buf.getvalue())
+                result.written.append(path)
+                on_event(str(path))
         except Skip as why:
             result.skipped.append(f"{name}: {why}")
             on_event(f"skipped {name}: {why}")
-            continue
-        for stem, fig in figures:
-            path = out_dir / f"{stem}.{fmt}"
-            if not (keep_fresh and path.exists() and path.stat().st_mtime >= newest):
-                fig.savefig(path, dpi=DPI, format=fmt)
-            result.written.append(path)
-            on_event(str(path))
+        except OSError:
+            raise  # the folder: one line from the CLI, as for any file
+        except Exception as exc:  # noqa: BLE001 - one figure's failure must not stop the others
+            result.failed.append(f"{name}: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+            on_event(f"failed {result.failed[-1]}")
     return result
 
 

@@ -11,6 +11,7 @@ differs between them; lines are the mean over seeds, bands the min-max.
 
 from __future__ import annotations
 
+import io
 import textwrap
 from pathlib import Path
 from typing import Callable, Sequence
@@ -19,6 +20,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from ...store import atomic_write_bytes
 from ..view import IGNORED_KEYS, SEED, ExperimentView, RunView, describe, matches
 from . import FORMATS, PlotResult
 from .style import (
@@ -196,12 +198,20 @@ def plot_comparison(views: Sequence[ExperimentView], labels: Sequence[str], out_
     for name, build in COMPARE_FIGURES:
         try:
             fig = build(views, labels)
+            path = out_dir / f"{name}.{fmt}"
+            buf = io.BytesIO()
+            fig.savefig(buf, dpi=DPI, format=fmt)
+            atomic_write_bytes(path, buf.getvalue())  # a reader sees the old figure or the new one
         except Skip as why:
             result.skipped.append(f"{name}: {why}")
             on_event(f"skipped {name}: {why}")
             continue
-        path = out_dir / f"{name}.{fmt}"
-        fig.savefig(path, dpi=DPI, format=fmt)
+        except OSError:
+            raise  # the folder: one line from the CLI
+        except Exception as exc:  # noqa: BLE001 - one figure's failure must not stop the others
+            result.failed.append(f"{name}: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+            on_event(f"failed {result.failed[-1]}")
+            continue
         result.written.append(path)
         on_event(str(path))
     return result

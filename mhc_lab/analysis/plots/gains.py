@@ -16,9 +16,10 @@ from matplotlib.lines import Line2D
 from ...store import as_float
 from ..view import DEPTH, ExperimentView, RunView, axis_name, describe, group_runs
 from .style import (
-    COLORS, DIRECTION_KEYS, DIRECTION_STYLE, GAIN_LABEL, LINESTYLES, MARKERS, MIXING, NAMES, Curve, Skip,
-    aggregate, by_connection, draw_band, facet_grid, finish, fmt_count, fmt_tick, gain_axis, hide,
-    new_figure, representative_note, representative_runs, runs_in, seed_note, step_axes, unique,
+    COLORS, DIRECTION_KEYS, DIRECTION_STYLE, GAIN_LABEL, LINESTYLES, MIXING, NAMES, Curve, Skip, aggregate,
+    by_connection, draw_band, facet_grid, finish, fmt_count, fmt_tick, gain_axis, hide, mark_state,
+    new_figure, overflow_key, representative_note, representative_runs, run_state, runs_in, seed_note,
+    state_keys, state_note, step_axes, unique,
 )
 
 # -- 1. gain vs training step --------------------------------------------------------------
@@ -33,12 +34,13 @@ def fig_gain_vs_step(view: ExperimentView) -> list[tuple[str, Figure]]:
         raise Skip("no run has more than one probe")
     grid = facet_grid(view)
     fig, axes = new_figure(len(grid), len(grid[0]), (4.0, 2.9), sharex=True, sharey=True)
+    states = []
     for (i, j), settings in np.ndenumerate(np.array(grid, dtype=object)):
         if settings is None:
             hide(axes[i, j], "")
             continue
         runs = runs_in(view, settings, lambda r: bool(r.probes))
-        draw_gain_panel(axes[i, j], runs)
+        states += draw_gain_panel(axes[i, j], runs)
         schedule_twin(axes[i, j], runs, label=j == len(grid[0]) - 1)
         axes[i, j].set_title(describe(settings), fontsize=9)
     far = []
@@ -48,7 +50,7 @@ def fig_gain_vs_step(view: ExperimentView) -> list[tuple[str, Figure]]:
     keys = [*DIRECTION_KEYS, Line2D([], [], color=SCHEDULE_COLOR, linewidth=3, alpha=0.5,
                                     label="learning rate (right axis)")]
     finish(fig, view, "composite gain during training", [seed_note(view), *unique(far)],
-           view.connections, keys)
+           view.connections, [*keys, *state_keys(states), *overflow_key(axes.flat)])
     return [("gain_vs_step", fig)]
 
 
@@ -79,12 +81,27 @@ def schedule_twin(ax: Axes, runs: list[RunView], label: bool) -> None:
     ax.patch.set_visible(False)
 
 
-def draw_gain_panel(ax: Axes, runs: list[RunView]) -> None:
+def draw_gain_panel(ax: Axes, runs: list[RunView]) -> list[str]:
+    """Headline gains per connection (mean and range over seeds); each diverged or dead run
+    marked on its own curve. Returns the states marked."""
     if not runs:
-        return hide(ax)
+        hide(ax)
+        return []
     for conn, group in by_connection(runs):
         for direction, style in DIRECTION_STYLE.items():
             draw_band(ax, aggregate([headline_curve(r, direction) for r in group]), conn, style)
+    return [state for run in runs if (state := mark_on_curve(ax, run, headline_curve(run, "fwd")))]
+
+
+def mark_on_curve(ax: Axes, run: RunView, curve: Curve) -> Optional[str]:
+    """A diverged run's marker at its last finite point; a dead run's where it died."""
+    state = run_state(run)
+    steps, values = curve
+    finite = np.nonzero(np.isfinite(values))[0]
+    if state is None or not len(finite):
+        return None
+    at = finite[-1] if state[0] == "diverged" else next((i for i in finite if steps[i] >= state[1]), finite[-1])
+    return mark_state(ax, run, float(steps[at]), float(values[at]))
 
 
 # -- 2. gain vs depth and scale ------------------------------------------------------------
@@ -125,16 +142,29 @@ def fig_gain_vs_scale(view: ExperimentView) -> list[tuple[str, Figure]]:
     if not panels:
         raise Skip("no numeric setting (depth, width, n, lr, ...) is swept")
     fig, axes = new_figure(1, len(panels), (4.4, 3.4), sharey=True)
+    states = []
     for ax, panel in zip(axes[0], panels):
-        draw_scale_panel(ax, view, panel)
+        states += draw_scale_panel(ax, view, panel)
     far = [note for j, ax in enumerate(axes[0])
            for note in gain_axis(ax, "peak " + GAIN_LABEL if j == 0 else None, view.connections)]
-    finish(fig, view, "peak gain against the swept settings", [seed_note(view), *unique(far)], view.connections)
+    lines = [Line2D([], [], color=COLORS[c], linewidth=2, marker=SCALE_MARKERS.get(c, "o"), markersize=SCALE_SIZES.get(c, 6.0) * 0.7,
+                    markerfacecolor="none", label=NAMES[c]) for c in view.connections]
+    finish(fig, view, "peak gain against the swept settings",
+           [seed_note(view), "markers nest where connections coincide", *unique(far)], (),
+           [*lines, *state_keys(states), *overflow_key(axes.flat)])
     return [("gain_vs_scale", fig)]
 
 
-def draw_scale_panel(ax: Axes, view: ExperimentView, panel: ScalePanel) -> None:
-    """Peak gain per run against one x; a line per connection and setting of the other axes."""
+# Each connection its own hollow marker and size, so a line hidden under another (HC's gain of
+# 1 under residual and mHC in a short sweep) still shows as a ring around or inside theirs.
+SCALE_MARKERS = {"hc": "o", "mhc_lite": "^", "kromhc": "h", "mhc": "s", "ortho": "p", "residual": "D"}
+SCALE_SIZES = {"hc": 11.0, "mhc_lite": 9.5, "kromhc": 8.5, "mhc": 7.0, "ortho": 6.0, "residual": 4.0}
+
+
+def draw_scale_panel(ax: Axes, view: ExperimentView, panel: ScalePanel) -> list[str]:
+    """Peak gain per run against one x; a line per connection and setting of the other axes,
+    each point a hollow marker of its connection; diverged and dead runs marked. Returns the
+    states marked."""
     others = [k for k in view.axes if k not in panel.covers and not view.tied(k, panel.covers)]
     runs = [r for r in view.plottable if panel.x(r) is not None]
     groups = group_runs(runs, others)
@@ -142,14 +172,17 @@ def draw_scale_panel(ax: Axes, view: ExperimentView, panel: ScalePanel) -> None:
     for (conn, *values), group in groups.items():
         index = combos.index(tuple(values))
         band = aggregate([(np.array([panel.x(r)]), np.array([r.peak_gain])) for r in group])
-        draw_band(ax, band, conn, LINESTYLES[index % len(LINESTYLES)], MARKERS[index % len(MARKERS)])
+        draw_band(ax, band, conn, LINESTYLES[index % len(LINESTYLES)], marker="")
+        ax.plot(band.x, band.mean, linestyle="", marker=SCALE_MARKERS.get(conn, "o"), markersize=SCALE_SIZES.get(conn, 6.0),
+                markerfacecolor="none", markeredgecolor=COLORS[conn], markeredgewidth=1.3, zorder=4)
+    states = [state for r in runs if (state := mark_state(ax, r, panel.x(r), r.peak_gain))]
     if len(combos) > 1:
         ax.legend(handles=[Line2D([], [], color="0.25", linestyle=LINESTYLES[i % len(LINESTYLES)],
-                                  marker=MARKERS[i % len(MARKERS)], markersize=4,
                                   label=describe({k: v for k, v in zip(others, combo) if v is not None}) or "-")
                            for i, combo in enumerate(combos)], fontsize=7, frameon=False)
     ax.set_xlabel(panel.label, fontsize=8.5)
     x_axis(ax, sorted({panel.x(r) for r in runs}), counts=panel.key == "n_params")
+    return states
 
 
 def x_axis(ax: Axes, values: list[float], counts: bool = False) -> None:
@@ -183,8 +216,8 @@ def fig_gain_by_layer(view: ExperimentView) -> list[tuple[str, Figure]]:
             for direction, style in DIRECTION_STYLE.items():
                 values = [as_float(v) for v in probe[kind][direction]["amax"]["mean"]]
                 draw_band(axes[i, j], aggregate([(np.arange(len(values)), np.array(values))]), conn, style)
-        axes[0, j].set_title(f"{NAMES[conn]}: {run.run_id}\nprobe at step {probe['step']}", fontsize=8.5,
-                             color=COLORS[conn])
+        axes[0, j].set_title(f"{NAMES[conn]}: {run.run_id}\nprobe at step {probe['step']}{state_note(run)}",
+                             fontsize=8.5, color=COLORS[conn])
         axes[1, j].set_xlabel("layer index l (two layers per block)", fontsize=8.5)
         axes[1, j].xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     far = []
@@ -192,7 +225,7 @@ def fig_gain_by_layer(view: ExperimentView) -> list[tuple[str, Figure]]:
         far += gain_axis(ax, kinds[i][1] if j == 0 else None, chosen if i == 1 else ())
     finish(fig, view, "gain by layer at the peak probe (paper Fig. 3)",
            [representative_note(view, chosen), *unique(far)],
-           chosen, DIRECTION_KEYS)
+           chosen, [*DIRECTION_KEYS, *overflow_key(axes.flat)])
     return [("gain_by_layer", fig)]
 
 
@@ -220,6 +253,7 @@ def fig_signal_by_layer(view: ExperimentView) -> list[tuple[str, Figure]]:
     note = representative_note(view, mixing) if mixing else "the residual run"
     if mixing and "residual" in measured:
         note += ", and the residual at its settings and seed"
+    note += "".join(f"; {NAMES[c]}{state_note(r)}" for c, r in chosen.items() if c in measured and state_note(r))
     finish(fig, view, "the residual signal by layer",
            [note, f"solid: step {'/'.join(map(str, last))}; dotted: step {'/'.join(map(str, first))}"],
            measured)

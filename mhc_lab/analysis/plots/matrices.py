@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Optional
 
 import numpy as np
 from matplotlib import colors as mcolors
@@ -15,7 +16,7 @@ from matplotlib.figure import Figure
 from ..view import DEPTH, ExperimentView, axis_name, describe, format_value, matches, short_name
 from .style import (
     COLORS, NAMES, Skip, colormap, composite_product, finish, fmt_number, fmt_tick, log_ticks, new_figure,
-    representative_note, representative_runs, token_mean,
+    representative_note, representative_runs, run_state, state_note, token_mean,
 )
 
 # -- 5. mixing matrices --------------------------------------------------------------------
@@ -35,7 +36,8 @@ def fig_mixing_matrices(view: ExperimentView) -> list[tuple[str, Figure]]:
         for ax, (name, matrix) in zip(axes[i], panels):
             matrix_panel(fig, ax, matrix)
             ax.set_title(f"{NAMES[conn]}: {name}", fontsize=9, color=COLORS[conn], pad=14)
-        axes[i, 0].set_ylabel(f"{run.run_id}, step {int(saved['peak_step'])}\nrow i (output stream)", fontsize=7.5)
+        axes[i, 0].set_ylabel(f"{run.run_id}, step {int(saved['peak_step'])}{state_note(run)}\n"
+                              "row i (output stream)", fontsize=7.5)
     finish(fig, view, "mixing matrices H_res, mean over the probe tokens (paper Fig. 8)",
            [representative_note(view, chosen), "colour centred at 0, symlog where |value| > 10",
             "Σ: row sums at the right, column sums below; columns j = input stream"])
@@ -97,11 +99,12 @@ def sweep_heatmap(view: ExperimentView, x_key: str, y_key: str) -> tuple[str, Fi
         r.connection == c and r.setting(x_key) is not None and r.setting(y_key) is not None for r in view.plottable)]
     xs, ys = view.axes[x_key], view.axes[y_key]
     grids = {(i, c): heat_values(view, row, c, x_key, y_key) for i, row in enumerate(rows) for c in conns}
+    marks = {(i, c): heat_marks(view, row, c, x_key, y_key) for i, row in enumerate(rows) for c in conns}
     norm = _log_norm(list(grids.values()))
     fig, axes = new_figure(len(rows), len(conns), (1.2 + 0.8 * len(xs), 1.0 + 0.55 * len(ys)))
     for (i, conn), grid in grids.items():
         ax = axes[i, conns.index(conn)]
-        heat_panel(ax, grid, norm, xs, ys)
+        heat_panel(ax, grid, norm, xs, ys, marks[i, conn])
         ax.set_title(NAMES[conn] + (f" ({describe(rows[i])})" if rows[i] else ""), fontsize=9, color=COLORS[conn])
         ax.set_xlabel(axis_name(x_key), fontsize=8.5)
         ax.set_ylabel(axis_name(y_key), fontsize=8.5)
@@ -109,8 +112,10 @@ def sweep_heatmap(view: ExperimentView, x_key: str, y_key: str) -> tuple[str, Fi
     bar.set_label("peak composite gain (log colour)", fontsize=8)
     bar.ax.tick_params(labelsize=7, which="both")
     log_ticks(bar.ax)
+    marked = {m for grid in marks.values() for row in grid for m in row if m}
     finish(fig, view, f"peak gain over {short_name(y_key)} x {short_name(x_key)}",
-           [f"cells: mean over {len(view.seeds)} seeds" if len(view.seeds) > 1 else "", "-: no run"])
+           [f"cells: mean over {len(view.seeds)} seeds" if len(view.seeds) > 1 else "", "-: no run",
+            *(f"{CELL_MARKS[state]}: a run of the cell {state}" for state in CELL_MARKS if state in marked)])
     return f"sweep_heatmap_{_short(y_key)}_x_{_short(x_key)}", fig
 
 
@@ -127,6 +132,20 @@ def heat_values(view: ExperimentView, row: dict, conn: str, x_key: str, y_key: s
     return grid
 
 
+CELL_MARKS = {"diverged": "×", "dead": "†"}
+
+
+def heat_marks(view: ExperimentView, row: dict, conn: str, x_key: str, y_key: str) -> list[list[str]]:
+    """Per (y, x) cell: `diverged` or `dead` if one of its runs did, else ''."""
+    xs, ys = view.axes[x_key], view.axes[y_key]
+    marks = [["" for _ in xs] for _ in ys]
+    for (i, y), (j, x) in itertools.product(enumerate(ys), enumerate(xs)):
+        cell = {**row, x_key: x, y_key: y}
+        states = {s[0] for r in view.plottable if r.connection == conn and matches(r, cell) and (s := run_state(r))}
+        marks[i][j] = next((s for s in CELL_MARKS if s in states), "")
+    return marks
+
+
 def _log_norm(grids: list[np.ndarray]) -> mcolors.LogNorm:
     values = np.concatenate([g[np.isfinite(g) & (g > 0)] for g in grids])
     lo, hi = (float(values.min()), float(values.max())) if values.size else (1.0, 1.0)
@@ -135,13 +154,15 @@ def _log_norm(grids: list[np.ndarray]) -> mcolors.LogNorm:
     return mcolors.LogNorm(vmin=lo, vmax=hi)
 
 
-def heat_panel(ax: Axes, grid: np.ndarray, norm: mcolors.Normalize, xs: list, ys: list) -> None:
+def heat_panel(ax: Axes, grid: np.ndarray, norm: mcolors.Normalize, xs: list, ys: list,
+               marks: Optional[list[list[str]]] = None) -> None:
     ax.imshow(np.where(np.isfinite(grid), grid, np.nan), cmap=colormap("viridis"), norm=norm, origin="lower",
               aspect="auto")
     for i, j in itertools.product(range(len(ys)), range(len(xs))):
         value = grid[i, j]
         light = math.isfinite(value) and norm(value) > 0.6  # viridis turns yellow: dark text
-        ax.text(j, i, "-" if math.isnan(value) else fmt_number(value), ha="center", va="center", fontsize=8,
+        mark = CELL_MARKS.get(marks[i][j], "") if marks else ""
+        ax.text(j, i, ("-" if math.isnan(value) else fmt_number(value)) + mark, ha="center", va="center", fontsize=8,
                 color="black" if light else "white")
     ax.set_xticks(range(len(xs)), [format_value(x) for x in xs])
     ax.set_yticks(range(len(ys)), [format_value(y) for y in ys])

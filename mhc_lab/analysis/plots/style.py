@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import textwrap
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence
 
 import matplotlib
@@ -63,19 +63,23 @@ class Band:
     hi: np.ndarray
     curves: int
     nonfinite: int
+    overflow: np.ndarray = field(default_factory=lambda: np.empty(0))  # x where a curve is +inf
 
 
 def aggregate(curves: Sequence[Curve]) -> Band:
-    """Align curves on the union of their x values and take mean / min / max per x."""
+    """Align curves on the union of their x values and take mean / min / max per x of the
+    finite values; the x where some curve overflowed (+inf) are kept in `overflow`."""
     xs = np.unique(np.concatenate([np.asarray(x, dtype=float) for x, _ in curves]))
     table = np.full((len(curves), len(xs)), np.nan)
     for row, (x, y) in enumerate(curves):
         table[row, np.searchsorted(xs, x)] = y
     nonfinite = int(np.isinf(table).sum())
+    overflow = xs[np.isposinf(table).any(axis=0)]
     table[~np.isfinite(table)] = np.nan
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column is a gap
-        return Band(xs, np.nanmean(table, 0), np.nanmin(table, 0), np.nanmax(table, 0), len(curves), nonfinite)
+        return Band(xs, np.nanmean(table, 0), np.nanmin(table, 0), np.nanmax(table, 0), len(curves), nonfinite,
+                    overflow)
 
 
 def composite_product(hres: np.ndarray) -> np.ndarray:
@@ -119,6 +123,23 @@ def fmt_tick(value: float, _pos=None) -> str:
     return f"{value:.4g}"
 
 
+class DistinctTicks(ticker.Formatter):
+    """fmt_tick, with as many more significant digits as neighbouring ticks need to read
+    differently: gains all near 1 get 0.99998, 1, 1.00002 rather than 1, 1, 1."""
+
+    def __init__(self) -> None:
+        self.digits = 4
+
+    def set_locs(self, locs) -> None:
+        values = np.unique([v for v in np.asarray(locs, dtype=float) if math.isfinite(v)])
+        # neighbours a and b need about log10(max(|a|, |b|) / (b - a)) + 1 digits to differ
+        needs = [math.log10(max(abs(a), abs(b)) / (b - a)) + 1 for a, b in zip(values, values[1:]) if b > a]
+        self.digits = min(15, max([4, *(math.ceil(n) for n in needs)]))
+
+    def __call__(self, value: float, pos=None) -> str:
+        return f"{value:.{self.digits}g}"
+
+
 # -- figure scaffolding --------------------------------------------------------------------
 
 
@@ -138,6 +159,9 @@ def finish(fig: Figure, view: ExperimentView, what: str, notes: Iterable[str] = 
     """Title, and under the panels one legend (a colour per connection, then `keys`) headed
     by what the figure holds fixed and any notes."""
     fig.suptitle(f"{view.name}: {what}", fontsize=11, fontweight="bold")
+    if view.damaged:
+        notes = (*notes, f"left out: {len(view.damaged)} damaged run(s) ({', '.join(c.run_id for c in view.damaged)}; "
+                 "mhc-lab check)")
     fixed = describe(view.fixed())
     detail = "; ".join(s for s in (f"fixed: {fixed}" if fixed else "", *notes) if s)
     handles = [Line2D([], [], color=COLORS[c], linewidth=2, label=NAMES[c]) for c in connections]
@@ -177,9 +201,65 @@ def draw_band(ax: Axes, band: Band, conn: str, linestyle: object = "-", marker: 
             linewidth=LINE_WIDTH[conn], zorder=zorder)
     if band.curves > 1:
         ax.fill_between(band.x, band.lo, band.hi, color=color, alpha=0.15, linewidth=0, zorder=1)
+    if len(band.overflow):  # a result too: clipped to the top edge, marked
+        ax.plot(band.overflow, np.ones(len(band.overflow)), transform=ax.get_xaxis_transform(),
+                linestyle="", marker=OVERFLOW_MARKER, markersize=7, color=color, clip_on=False, zorder=5)
     if band.nonfinite:
-        ax.text(0.98, 0.02, f"{band.nonfinite} non-finite value(s) not drawn", transform=ax.transAxes,
-                fontsize=7, color="0.3", ha="right", va="bottom")
+        ax.text(0.98, 0.02, f"{OVERFLOW_TEXT}: {band.nonfinite} value(s) overflowed (inf), drawn at the top edge",
+                transform=ax.transAxes, fontsize=7, color="0.3", ha="right", va="bottom")
+
+
+OVERFLOW_MARKER = "^"
+OVERFLOW_TEXT = "▲"
+OVERFLOW_KEY = "overflowed (inf): clipped to the top edge"
+
+
+# -- runs that did not finish normally: marked in every figure -----------------------------
+
+STATE_MARKERS = {"diverged": "x", "dead": "v"}
+STATE_WORDS = {"diverged": "diverged: stopped here", "dead": "dead (gradient exactly 0) from here"}
+
+
+def run_state(run: RunView) -> Optional[tuple[str, int]]:
+    """("diverged", step it stopped at) or ("dead", first step of its zero gradient), or None."""
+    if run.status == "diverged" and run.summary.get("diverged_step") is not None:
+        return "diverged", int(run.summary["diverged_step"])
+    stability = run.stability if run.metrics else None
+    if stability is not None and stability.dead_from is not None:
+        return "dead", int(stability.dead_from)
+    return None
+
+
+def state_note(run: RunView) -> str:
+    """` (diverged at step 26)`, ` (dead from step 40)` or `` for titles and labels."""
+    state = run_state(run)
+    if state is None:
+        return ""
+    return f" (diverged at step {state[1]})" if state[0] == "diverged" else f" (dead from step {state[1]})"
+
+
+def mark_state(ax: Axes, run: RunView, x: float, y: float) -> Optional[str]:
+    """The run's state marker at (x, y) in its connection's colour; returns the state drawn."""
+    state = run_state(run)
+    if state is None or not (math.isfinite(x) and math.isfinite(y)):
+        return None
+    ax.plot([x], [y], linestyle="", marker=STATE_MARKERS[state[0]], markersize=8, markeredgewidth=2,
+            color=COLORS[run.connection], markerfacecolor="none", zorder=6)
+    return state[0]
+
+
+def state_keys(states: Iterable[Optional[str]]) -> list[Line2D]:
+    """Legend entries for the state markers drawn."""
+    present = [s for s in STATE_MARKERS if s in set(states)]
+    return [Line2D([], [], color="0.25", linestyle="", marker=STATE_MARKERS[s], markerfacecolor="none",
+                   markeredgewidth=1.5, label=STATE_WORDS[s]) for s in present]
+
+
+def overflow_key(axes: Iterable[Axes]) -> list[Line2D]:
+    """The legend entry for clipped overflows, when some panel drew one."""
+    drawn = any(line.get_marker() == OVERFLOW_MARKER and not line.get_clip_on()
+                for ax in axes for line in ax.get_lines())
+    return [Line2D([], [], color="0.25", linestyle="", marker=OVERFLOW_MARKER, label=OVERFLOW_KEY)] if drawn else []
 
 
 def gain_axis(ax: Axes, label: Optional[str] = None, refs: Iterable[str] = ()) -> list[str]:
@@ -194,18 +274,23 @@ def gain_axis(ax: Axes, label: Optional[str] = None, refs: Iterable[str] = ()) -
 
 
 def log_ticks(ax: Axes) -> None:
-    """Plain-number ticks on a log y axis; linear tick spacing when it spans under a decade."""
+    """Plain-number ticks on a log y axis; linear tick spacing when it spans under a decade,
+    labelled with the digits that tell neighbouring ticks apart (DistinctTicks)."""
     lo, hi = ax.get_ylim()
     if hi / max(lo, 1e-300) < 10:
         ax.yaxis.set_major_locator(ticker.MaxNLocator(5, steps=[1, 2, 5, 10]))
         ax.yaxis.set_minor_locator(ticker.NullLocator())
-    ax.yaxis.set_major_formatter(ticker.FuncFormatter(fmt_tick))
+    ax.yaxis.set_major_formatter(DistinctTicks())
     ax.yaxis.set_minor_formatter(ticker.NullFormatter())
 
 
 def paper_lines(ax: Axes, connections: Iterable[str]) -> list[str]:
     """Dotted lines at the paper's gains near the data; notes for the ones far above it."""
+    if not ax.axison:  # a hidden panel (an unused cell of the grid)
+        return []
     lo, hi = ax.get_ylim()
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi):  # no finite data (all overflowed)
+        lo, hi = 0.5, 2.0
     far = []
     for conn in connections:
         if conn not in PAPER_GAIN_TEXT:

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from ..view import ExperimentView, RunView, describe
 from .style import (
     COLORS, Curve, Skip, aggregate, by_connection, draw_band, facet_grid, finish, hide, log_ticks,
-    new_figure, runs_in, seed_note, step_axes, style_keys,
+    mark_state, new_figure, run_state, runs_in, seed_note, state_keys, step_axes,
 )
 
 # -- 4. loss and gradient norm -------------------------------------------------------------
@@ -81,8 +81,8 @@ def fig_loss_and_grad(view: ExperimentView, smooth: Optional[int] = None) -> lis
         if settings is not None:
             axes[r * len(metrics), j].set_title(describe(settings), fontsize=9)
     step_axes(axes)
-    diverged = any(r.status == "diverged" for r in view.plottable)
-    keys = style_keys(("", "diverged: stopped here"), marker="x") if diverged else []
+    states = {state[0] for r in view.plottable if r.metrics and (state := run_state(r))}
+    keys = state_keys(states)
     smoothing = (f"lines: moving average over {window} logged steps, the raw curves faint"
                  if window > 1 else "")
     finish(fig, view, "loss and gradient norm during training (paper Figs. 2 and 5)",
@@ -124,6 +124,8 @@ def draw_metric_panel(ax: Axes, metric: str, runs: list[RunView], window: int = 
         for run, curve in curves:
             if run.status == "diverged" and curve is not None:
                 mark_divergence(ax, run, curve)
+            elif curve is not None and metric != "grad_norm":  # a dead run's gradient is 0: off a log axis
+                mark_dead(ax, run, curve)
 
 
 def metric_curve(run: RunView, metric: str, runs: list[RunView]) -> Optional[Curve]:
@@ -139,6 +141,17 @@ def metric_curve(run: RunView, metric: str, runs: list[RunView]) -> Optional[Cur
     steps, loss = run.metric("loss")
     common, mine, theirs = np.intersect1d(steps, base.x, return_indices=True)
     return common, loss[mine] - base.mean[theirs]
+
+
+def mark_dead(ax: Axes, run: RunView, curve: Curve) -> None:
+    """A dead run's marker where its gradient became exactly 0 for good (view.Stability)."""
+    state = run_state(run)
+    if state is None or state[0] != "dead":
+        return
+    steps, values = curve
+    at = np.nonzero((steps >= state[1]) & np.isfinite(values))[0]
+    if len(at):  # no text beside it: dead runs often die a few steps apart (the legend says it)
+        mark_state(ax, run, float(steps[at[0]]), float(values[at[0]]))
 
 
 def mark_divergence(ax: Axes, run: RunView, curve: Curve) -> None:
