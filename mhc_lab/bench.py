@@ -65,9 +65,18 @@ PEAK_MEANING = {
 PEER_VARIANTS: tuple[str, ...] = ("peer-hc", "peer-mhc")
 
 
+# Named shapes (`mhc-lab bench --preset NAME`); options given explicitly override them.
+PRESETS: dict[str, dict[str, Any]] = {
+    # experiments/divergence.yaml: 45 blocks (90 layers), d_model 64, batch 16 x 64 bytes
+    "headline": {"d_models": [64], "depth": 45, "batch": 16, "seq_len": 64},
+    # every round's full table (BENCHMARKS.md): the BenchSettings defaults
+    "reference": {"d_models": [64, 256, 512], "depth": 12, "batch": 16, "seq_len": 128},
+}
+
+
 @dataclass
 class BenchSettings:
-    """What to measure. The defaults are the issue's reference shapes."""
+    """What to measure. The defaults are the `reference` preset's shapes."""
 
     d_models: list[int] = field(default_factory=lambda: [64, 256, 512])
     depth: int = 12  # transformer blocks (2 layers each)
@@ -82,6 +91,16 @@ class BenchSettings:
     threads: Optional[int] = None  # torch CPU threads during the run; None = leave as is
     compile: bool = False  # wrap every variant's model in torch.compile before timing
     seed: int = 0
+    preset: Optional[str] = None  # the PRESETS name the shapes came from, for the record
+
+    @classmethod
+    def from_preset(cls, preset: Optional[str], **given: Any) -> "BenchSettings":
+        """Settings from a PRESETS name (or None), with every non-None value of `given` on
+        top; MhcLabError for an unknown name."""
+        if preset is not None and preset not in PRESETS:
+            raise MhcLabError(f"--preset {preset}: choose one of {', '.join(PRESETS)}")
+        values = {**(PRESETS[preset] if preset else {}), **{k: v for k, v in given.items() if v is not None}}
+        return cls(**values, preset=preset)
 
     def check(self) -> None:
         """Raise MhcLabError naming the option to fix."""
@@ -213,7 +232,8 @@ def make_step(
     optimiser step stays eager, as in the training loop.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1)
+    device = params[0].device.type
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, fused=device in ("cpu", "cuda"))  # as the trainer
     forward = torch.compile(model) if compile else model
     idx, targets = batch
 
@@ -387,8 +407,9 @@ def environment(settings: BenchSettings) -> dict[str, Any]:
         "machine": platform.machine(),
         "settings": asdict(settings),
         "peer": peer_available() and settings.peer,
-        # the fused CPU kernels (mhc_lab/native): used in eager CPU runs when they built
-        "native_kernels": device.type == "cpu" and not settings.compile and native.library() is not None,
+        # the fused CPU kernels (mhc_lab/nn/native): used on CPU when they built, in eager runs
+        # through fused.py and in compiled ones as the custom ops of nn/ops.py
+        "native_kernels": device.type == "cpu" and native.library() is not None,
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -412,10 +433,11 @@ def render_table(rows: list[BenchRow], settings: BenchSettings) -> Table:
 
     env = environment(settings)
     mode = "torch.compile, " if settings.compile else ""
-    if env["device"] == "cpu" and not settings.compile:
-        mode = "native kernels, " if env["native_kernels"] else "torch ops only, "
+    if env["device"] == "cpu":
+        mode += "native kernels, " if env["native_kernels"] else "torch ops only, "
+    preset = f"preset {settings.preset}: " if settings.preset else ""
     table = Table(
-        title=f"Step time (fwd + bwd + AdamW), {mode}depth {settings.depth}, n {settings.n_streams}, "
+        title=f"Step time (fwd + bwd + AdamW), {preset}{mode}depth {settings.depth}, n {settings.n_streams}, "
         f"batch {settings.batch} x {settings.seq_len}, {env['device']}, "
         f"{env['threads']} threads, torch {env['torch']}",
         caption=f"median of {settings.steps} interleaved repetitions after {settings.warmup} "

@@ -463,14 +463,23 @@ def report(
 
 @app.command()
 def bench(
+    preset: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Named shape: headline (depth 45, d_model 64, batch 16 x 64: the shape of "
+            "experiments/divergence.yaml) or reference (depth 12, d_model 64, 256, 512, batch 16 x 128: "
+            "the defaults). Options given explicitly override it.",
+            show_default=False,
+        ),
+    ] = None,
     d_model: Annotated[
         Optional[list[int]],
         typer.Option("--d-model", help="Width C to measure (repeatable). Default: 64, 256, 512.", show_default=False),
     ] = None,
-    depth: Annotated[int, typer.Option(help="Transformer blocks (two layers each).")] = 12,
+    depth: Annotated[Optional[int], typer.Option(help="Transformer blocks (two layers each). Default: 12.", show_default=False)] = None,
     n_streams: Annotated[int, typer.Option(help="Expansion rate n of HC and mHC.")] = 4,
-    batch: Annotated[int, typer.Option(help="Sequences per step.")] = 16,
-    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 128,
+    batch: Annotated[Optional[int], typer.Option(help="Sequences per step. Default: 16.", show_default=False)] = None,
+    seq_len: Annotated[Optional[int], typer.Option(help="Tokens per sequence. Default: 128.", show_default=False)] = None,
     steps: Annotated[int, typer.Option(help="Timed repetitions (each times one step of every variant).")] = 10,
     warmup: Annotated[int, typer.Option(help="Untimed steps per variant first.")] = 3,
     sinkhorn_iters: Annotated[int, typer.Option(help="mHC Sinkhorn iterations (paper: 20).")] = 20,
@@ -494,24 +503,18 @@ def bench(
 ) -> None:
     """Time training steps (forward, backward, AdamW) of residual, HC and mHC models, interleaved.
 
-    Example: mhc-lab bench --d-model 64 --d-model 256 --steps 10 --json
+    Example: mhc-lab bench --preset headline --threads 1 --no-peer
     """
     from .bench import BenchSettings, render_table, run_bench, to_json
 
-    settings = BenchSettings(
-        d_models=list(d_model) if d_model else [64, 256, 512],
-        depth=depth,
-        n_streams=n_streams,
-        seq_len=seq_len,
-        batch=batch,
-        steps=steps,
-        warmup=warmup,
-        sinkhorn_iters=sinkhorn_iters,
-        peer=peer,
-        device=device,
-        threads=threads,
-        compile=compile_,
-    )
+    try:
+        settings = BenchSettings.from_preset(
+            preset, d_models=list(d_model) if d_model else None, depth=depth, n_streams=n_streams,
+            seq_len=seq_len, batch=batch, steps=steps, warmup=warmup, sinkhorn_iters=sinkhorn_iters,
+            peer=peer, device=device, threads=threads, compile=compile_,
+        )
+    except MhcLabError as exc:
+        fail(exc)
     try:
         rows = run_bench(settings, progress=lambda line: err_console.print(line, style="dim", highlight=False))
     except MhcLabError as exc:

@@ -128,3 +128,30 @@ def test_cli_bench_json_and_table():
     assert "x residual" in table.stdout and "mhc" in table.stdout
     bad = runner.invoke(app, ["bench", "--d-model", "18", "--no-peer"])
     assert bad.exit_code == 2 and "--d-model 18" in bad.output
+
+
+def test_presets_fill_the_shape_and_explicit_options_win():
+    from mhc_lab.bench import PRESETS
+
+    headline = BenchSettings.from_preset("headline")
+    assert (headline.d_models, headline.depth, headline.batch, headline.seq_len) == ([64], 45, 16, 64)
+    assert headline.preset == "headline"
+    tweaked = BenchSettings.from_preset("headline", depth=2, steps=3, d_models=None)
+    assert (tweaked.depth, tweaked.steps, tweaked.d_models) == (2, 3, [64])
+    plain = BenchSettings.from_preset(None, depth=None)
+    assert plain == BenchSettings()
+    assert BenchSettings.from_preset("reference") == BenchSettings(**PRESETS["reference"], preset="reference")
+    with pytest.raises(MhcLabError, match="--preset nope: choose one of headline, reference"):
+        BenchSettings.from_preset("nope")
+
+
+def test_cli_bench_preset_in_the_record_and_bad_name():
+    args = ["bench", "--preset", "headline", "--depth", "1", "--d-model", "16", "--n-streams", "2", "--steps", "1",
+            "--warmup", "0", "--batch", "2", "--seq-len", "8", "--sinkhorn-iters", "3", "--no-peer", "--threads", "1"]
+    runner = CliRunner()
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    settings = json.loads(result.stdout)["environment"]["settings"]
+    assert settings["preset"] == "headline" and settings["depth"] == 1 and settings["d_models"] == [16]
+    bad = runner.invoke(app, ["bench", "--preset", "nope"])
+    assert bad.exit_code != 0 and "--preset nope" in bad.output and "Traceback" not in bad.output

@@ -80,6 +80,32 @@ def test_sinkhorn_equals_the_log_domain_loop(m, n, iters, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", native.VMATH)
+def test_vector_math_equals_torch_to_a_few_ulp(name, dtype):
+    """vmath.h's exp, log, tanh and sigmoid (vectorisable, used by every kernel) against
+    torch's in float64, over their whole range: within 4 ulp of T, NaN and infinities alike."""
+    gen = torch.Generator().manual_seed(7)
+    big = 100.0 if dtype == torch.float32 else 720.0
+    x = torch.cat([torch.empty(20000, dtype=torch.float64).uniform_(-big, big, generator=gen),
+                   torch.empty(20000, dtype=torch.float64).uniform_(-2, 2, generator=gen),
+                   torch.tensor([0.0, -0.0, 0.3, -0.3, 0.2999, 1e-20, -1e-30, 88.7, 89.0, 709.0, -103.9,
+                                 -745.0, float("inf"), float("-inf"), float("nan")], dtype=torch.float64)])
+    if name == "log":  # its domain in the kernels: positive normal numbers (Sinkhorn's sums)
+        x = torch.cat([torch.empty(20000, dtype=torch.float64).uniform_(1, 8, generator=gen),
+                       torch.logspace(-30, 30, 601, dtype=torch.float64), torch.tensor([1.0, 2.0, float("nan")], dtype=torch.float64)])
+    x = x.to(dtype)
+    reference = {"exp": torch.exp, "log": torch.log, "tanh": torch.tanh, "sigmoid": torch.sigmoid}[name]
+    expected = reference(x.double())
+    rounded = expected.to(dtype).double()  # what T can hold: overflow to inf, underflow to 0
+    got = native.vmath(name, x).double()
+    assert torch.equal(got.isnan(), expected.isnan())
+    assert torch.equal(got.isinf(), rounded.isinf()) and torch.equal(got[got.isinf()], rounded[got.isinf()])
+    ok = rounded.isfinite() & (rounded.abs() >= torch.finfo(dtype).tiny)  # no denormals
+    ulp = torch.finfo(dtype).eps * expected[ok].abs()
+    assert ((got[ok] - expected[ok]).abs() <= 4 * ulp).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_sinkhorn_stays_finite_for_extreme_logits(dtype):
     z = torch.tensor([[1e4, -1e4, 0.0, 5e3], [-1e4] * 4, [1e4] * 4, [0.0, 0.0, -3e3, 1e4]], dtype=dtype)
     z = torch.stack([z, -z, z.t()])  # (3, 4, 4)
@@ -209,8 +235,57 @@ def test_fused_connections_equal_the_torch_path(kind, n, c, tokens, monkeypatch)
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
+def _graph_nodes(root) -> list[str]:
+    """Names of the autograd nodes reachable from `root`, AccumulateGrad excluded."""
+    seen, stack, names = set(), [root], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ != "AccumulateGrad":
+            names.append(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("kind", ["hc", "mhc"])
+def test_a_fused_layer_is_two_autograd_nodes(kind):
+    """The read (coefficients and parameter folding included) and the write: nothing else
+    between the layer's input and output but the sublayer's own node."""
+    from mhc_lab.nn.connections import HyperConnection, ManifoldHyperConnection
+
+    conn = HyperConnection(8, 4, 1) if kind == "hc" else ManifoldHyperConnection(8, 4, 1)
+    x = torch.randn(2, 3, 4, 8, requires_grad=True)
+    out, h_res = conn(x, lambda z: z * 2.0)
+    assert sorted(_graph_nodes(out.grad_fn)) == sorted([f"{'Hc' if kind == 'hc' else 'Mhc'}ReadBackward", "MulBackward0", "_StreamWriteBackward"])
+    assert _graph_nodes(h_res.grad_fn) == [f"{'Hc' if kind == 'hc' else 'Mhc'}ReadBackward"]
+
+
+@pytest.mark.parametrize("kind", ["hc", "mhc"])
+def test_incoming_gradients_are_never_written(kind):
+    """Hooks and retain_grad on every layer's output see the gradient autograd computed,
+    unchanged after the whole backward (the kernels write only into their own buffers)."""
+    from mhc_lab.nn.connections import HyperConnection, ManifoldHyperConnection
+
+    make = (lambda k: HyperConnection(8, 4, k)) if kind == "hc" else (lambda k: ManifoldHyperConnection(8, 4, k))
+    layers, sub = [make(k) for k in range(3)], torch.nn.Linear(8, 8)
+    x = torch.randn(2, 3, 4, 8, requires_grad=True)
+    seen, outs = [], []
+    h = x
+    for conn in layers:
+        h, _ = conn(h, sub)
+        h.retain_grad()
+        h.register_hook(lambda g: seen.append((g, g.clone())))
+        outs.append(h)
+    (h.square().sum() + outs[0].sum()).backward()
+    assert len(seen) == 3
+    for out, (grad, copy) in zip(reversed(outs), seen):  # hooks run from the last layer back
+        assert torch.equal(grad, copy) and torch.equal(out.grad, copy)
+
+
 def test_fused_kernels_do_not_depend_on_the_thread_count():
-    m, n, c = 150, 4, 40
+    m, n, c = 300, 4, 40  # above the kernels' grain (32768 elements): two threads really run
     x = _rand(m, n, c, dtype=torch.float32, seed=0)
     g_in, g_mix, g_post = _rand(m, c, dtype=torch.float32, seed=1), _rand(m, n, c, dtype=torch.float32, seed=2), _rand(m, n, dtype=torch.float32, seed=3)
     weight_t, alpha, beta = _rand(n + 2, c, dtype=torch.float32, seed=4), _rand(n, n + 1, dtype=torch.float32, seed=5), _rand(n, dtype=torch.float32, seed=6)
@@ -304,3 +379,4 @@ def test_double_backward_of_the_mixing_functions_uses_the_torch_ops():
     (grad,) = torch.autograd.grad(sinkhorn_knopp(z, 3).square().sum(), z, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         grad.sum().backward()
+

@@ -193,8 +193,9 @@ class TrainConfig(Section):
     )
     compile: bool = Field(
         False,
-        description="Wrap the model in torch.compile (compiled graphs use torch ops, not the "
-        "native CPU kernels that eager CPU runs use).",
+        description="Wrap the model in torch.compile (on CPU the compiled graph calls the same "
+        "native kernels as eager runs, as custom ops; compiling a 90-layer model takes minutes, "
+        "so it pays only for long runs: BENCHMARKS.md).",
     )
     autocast_bf16: bool = Field(
         False, description="bf16 autocast on CUDA (ignored on CPU); the gain is always float64."

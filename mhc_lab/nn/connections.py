@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ops
 from .fused import HcRead, MhcRead, fused_path_ok
 from .mixing import Sublayer, _StreamWrite, mix_read, mix_streams, rms_projection
 from .sinkhorn import iterations_needed, sinkhorn_knopp
@@ -125,23 +126,31 @@ class HyperConnection(nn.Module):
     def forward(self, x: torch.Tensor, sublayer: Sublayer) -> tuple[torch.Tensor, torch.Tensor]:
         if self.dynamic and fused_path_ok(x, self.static_alpha):
             return self._fused_forward(x, sublayer)
+        if self.dynamic and ops.compiled_path_ok(x, self.static_alpha):
+            return self._compiled_forward(x, sublayer)
         alpha, beta = self.alpha_beta(x)
         read = alpha.transpose(-1, -2)  # (B, T, 1 + n, n): A^T = [H_pre; H_res]
         return mix_read(x, read, beta, sublayer), read[..., 1:, :]
 
     def _fused_forward(self, x: torch.Tensor, sublayer: Sublayer) -> tuple[torch.Tensor, torch.Tensor]:
-        """`forward` with the coefficients and the read in one native pass (`fused.HcRead`)."""
-        b, t, n, c = x.shape
+        """`forward` as two autograd nodes: the coefficients and the read in one native pass
+        (`fused.HcRead`), then the write into its own H_res x buffer."""
+        layer_in, mixed, h_post, h_res = HcRead.apply(
+            x, self.norm.weight, self.dynamic_alpha, self.dynamic_beta, self.static_alpha, self.static_beta,
+            self.gate_alpha, self.gate_beta, self.use_tanh, self.norm.eps,
+        )  # (B, T, C), (B, T, n, C), (B, T, n), (B, T, n, n)
+        return _StreamWrite.apply(mixed, h_post, sublayer(layer_in), True), h_res
+
+    def _compiled_forward(self, x: torch.Tensor, sublayer: Sublayer) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` under torch.compile: the same kernel as a custom op (`ops.hc_read`); the
+        folding and the write are traced torch ops, which Inductor fuses."""
         weights = torch.cat([self.dynamic_alpha, self.dynamic_beta.unsqueeze(-1)], dim=-1)
         weights = self.norm.weight.unsqueeze(-1) * weights  # (C, 2 + n): w * [W_m | W_r | W_beta]
-        x_flat = x.reshape(b * t, n, c).contiguous()  # the first layer's x is an expanded view
-        layer_in, mixed, h_post, h_res = HcRead.apply(
-            x_flat, weights, self.static_alpha, self.static_beta, self.gate_alpha, self.gate_beta,
-            self.use_tanh, self.norm.eps,
+        layer_in, mixed, h_post, h_res, _, _ = ops.hc_read(
+            x.contiguous(), weights.t().contiguous(), self.static_alpha, self.static_beta, self.gate_alpha,
+            self.gate_beta, self.use_tanh, self.norm.eps,
         )
-        layer_out = sublayer(layer_in.view(b, t, c))  # (B, T, C): F(H_pre x)
-        out = _StreamWrite.apply(mixed, h_post, layer_out.reshape(b * t, c), True)  # into H_res x
-        return out.view(b, t, n, c), h_res.view(b, t, n, n)
+        return torch.addcmul(mixed, h_post.unsqueeze(-1), sublayer(layer_in).unsqueeze(-2)), h_res
 
 
 class ManifoldHyperConnection(nn.Module):
@@ -200,8 +209,9 @@ class ManifoldHyperConnection(nn.Module):
 
     # -- how H_res is built from its per-token logits: the part the mHC variants replace --------
 
-    # Whether `forward` may take the fused native path (`fused.MhcRead`), which builds H_res by
-    # Sinkhorn-Knopp itself; a variant with another construction sets this to False.
+    # Whether `forward` may take the fused native path (`fused.MhcRead`, or `ops.mhc_read` under
+    # torch.compile), which builds H_res by Sinkhorn-Knopp itself and folds phi and the biases
+    # as `_folded` does; a variant with another construction sets this to False.
     fused_sinkhorn = True
 
     @property
@@ -272,18 +282,29 @@ class ManifoldHyperConnection(nn.Module):
     def forward(self, x: torch.Tensor, sublayer: Sublayer) -> tuple[torch.Tensor, torch.Tensor]:
         if self.fused_sinkhorn and fused_path_ok(x, self.dynamic_phi):
             return self._fused_forward(x, sublayer)
+        if self.fused_sinkhorn and ops.compiled_path_ok(x, self.dynamic_phi):
+            return self._compiled_forward(x, sublayer)
         h_pre, h_post, h_res = self.coefficients(x)
         return mix_streams(x, h_pre, h_post, h_res, sublayer), h_res
 
     def _fused_forward(self, x: torch.Tensor, sublayer: Sublayer) -> tuple[torch.Tensor, torch.Tensor]:
-        """`forward` with the coefficients and the read in one native pass (`fused.MhcRead`)."""
-        b, t, n, c = x.shape
+        """`forward` as two autograd nodes: the folding, the coefficients and the read in one
+        (`fused.MhcRead`, which folds as `_folded` does), then the write into its own H_res x
+        buffer."""
+        layer_in, mixed, h_post, h_res = MhcRead.apply(
+            x, self.norm_weight, self.dynamic_phi, self.gate_pre, self.gate_post, self.gate_res,
+            self.bias_pre, self.bias_post, self.bias_res, self.sinkhorn_iters, self.eps,
+        )  # (B, T, C), (B, T, n, C), (B, T, n), (B, T, n, n)
+        return _StreamWrite.apply(mixed, h_post, sublayer(layer_in), True), h_res
+
+    def _compiled_forward(self, x: torch.Tensor, sublayer: Sublayer) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` under torch.compile: the same kernel as a custom op (`ops.mhc_read`); the
+        folding (`_folded`), the projection matmul and the write are traced torch ops."""
         phi, bias = self._folded()
-        x_flat = x.reshape(b * t, n, c).contiguous()  # the first layer's x is an expanded view
-        layer_in, mixed, h_post, h_res = MhcRead.apply(x_flat, phi, bias, self.sinkhorn_iters, self.eps)
-        layer_out = sublayer(layer_in.view(b, t, c))  # (B, T, C): F(H_pre x)
-        out = _StreamWrite.apply(mixed, h_post, layer_out.reshape(b * t, c), True)  # into H_res x
-        return out.view(b, t, n, c), h_res.view(b, t, n, n)
+        x = x.contiguous()
+        raw = x.flatten(-2) @ phi  # (B, T, K): vec(x) @ phi, the norm applied in the kernel
+        layer_in, mixed, h_post, h_res, _, _ = ops.mhc_read(x, raw, bias, self.eps, self.sinkhorn_iters)
+        return torch.addcmul(mixed, h_post.unsqueeze(-1), sublayer(layer_in).unsqueeze(-2)), h_res
 
 
 def is_decayed(name: str, param: nn.Parameter) -> bool:

@@ -85,12 +85,14 @@ class _StreamRead(torch.autograd.Function):
 
 
 class _StreamWrite(torch.autograd.Function):
-    """out = mixed + H_post^T F per token: mixed (M, n, C), h_post (M, n), F (M, C).
+    """out = mixed + H_post^T F per token: mixed (..., n, C), h_post (..., n), F (..., C).
 
     The backward contracts over C and over n without writing (M, n, C) temporaries
     (autograd's addcmul backward writes two). With `in_place`, the sum is written into
     `mixed` (for a buffer nothing else reads, as the fused paths' H_res x): no new
-    (M, n, C) allocation.
+    (M, n, C) allocation. The incoming gradient is never written: it is returned as the
+    gradient of `mixed` (d out / d mixed = I) and only read for the other two, so a hook or
+    `retain_grad` on `out` keeps seeing what autograd computed.
     """
 
     @staticmethod
@@ -106,7 +108,7 @@ class _StreamWrite(torch.autograd.Function):
         h_post, layer_out = ctx.saved_tensors
         grad = grad.contiguous()  # the last layer's gradient is expanded (streams are summed)
         h_post, layer_out = h_post.to(grad.dtype), layer_out.to(grad.dtype)  # autocast: mixed
-        if not torch.is_grad_enabled() and use_native(grad, layer_out, h_post, streams=grad.shape[1]):
+        if not torch.is_grad_enabled() and use_native(grad, layer_out, h_post, streams=grad.shape[-2]):
             return grad, *native.write_backward(grad, layer_out, h_post, *ctx.needs_input_grad[1:3]), None
         grad_post = grad_out = None
         if ctx.needs_input_grad[1]:
@@ -117,14 +119,14 @@ class _StreamWrite(torch.autograd.Function):
 
 
 def _weighted_stream_sum(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """sum_i weight[:, i] * x[:, i] for x: (M, n, C), weight: (M, n); returns (M, C).
+    """sum_i weight[..., i] * x[..., i, :] for x: (..., n, C), weight: (..., n); returns (..., C).
 
     One multiply-add per stream: batched (1 x n) @ (n x C) matmuls ran up to 8x slower at
     C = 64 on CPU (about equal at C = 256), see BENCHMARKS.md.
     """
-    out = x[:, 0] * weight[:, :1]  # (M, C)
-    for i in range(1, x.shape[1]):
-        out.addcmul_(x[:, i], weight[:, i : i + 1])
+    out = x[..., 0, :] * weight[..., :1]  # (..., C)
+    for i in range(1, x.shape[-2]):
+        out.addcmul_(x[..., i, :], weight[..., i : i + 1])
     return out
 
 
@@ -144,7 +146,10 @@ def mix_read(
     h_post = h_post.reshape(b * t, n).contiguous()  # (B*T, n)
     layer_in, mixed = _StreamRead.apply(x_flat, read)
     layer_out = sublayer(layer_in.view(b, t, c))  # (B, T, C): F(H_pre x)
-    out = _StreamWrite.apply(mixed, h_post, layer_out.reshape(b * t, c))
+    # The native read writes H_res x into its own buffer, which nothing else reads: the write
+    # goes into it (no new (M, n, C) tensor); the torch ops' is a view of the stacked product.
+    in_place = mixed._base is None and not is_compiling()
+    out = _StreamWrite.apply(mixed, h_post, layer_out.reshape(b * t, c), in_place)
     return out.view(b, t, n, c)  # (B, T, n, C)
 
 

@@ -178,8 +178,11 @@ class Trainer:
         self.model: LanguageModel = build_model(cfg.model, cfg.train.seq_len, cfg.seed).to(self.device)
         self.forward = torch.compile(self.model) if cfg.train.compile else self.model
         t = cfg.train
+        # fused: one kernel over all parameters instead of about ten ops per tensor (HC and mHC
+        # add 7-8 small tensors per layer); the same update (BENCHMARKS.md, round 5)
         self.optimizer = torch.optim.AdamW(
-            self.model.parameter_groups(t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2)
+            self.model.parameter_groups(t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
+            fused=self.device.type in ("cpu", "cuda"),
         )
         self.probe_x, self.probe_y = (z.to(self.device) for z in probe_sequence(self.corpus.val, t.seq_len))
         self.val = [

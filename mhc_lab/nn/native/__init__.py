@@ -1,4 +1,6 @@
-"""Fused CPU kernels for the stream mixing, compiled from `kernels.c` at first use.
+"""Fused CPU kernels for the stream mixing, compiled from `kernels.c` at first use (with
+`kernels_impl.h`, the kernels for one float type, and `vmath.h`, exp, log, tanh and sigmoid
+written so that the loops calling them vectorise).
 
 Legend: M = tokens, n = residual streams, C = d_model, P = n + 1.
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shlex
@@ -41,13 +44,16 @@ from typing import Optional
 import torch
 
 SOURCE = Path(__file__).with_name("kernels.c")
-SOURCES = (SOURCE, SOURCE.with_name("kernels_impl.h"))  # what the build hashes
+SOURCES = (SOURCE, SOURCE.with_name("kernels_impl.h"), SOURCE.with_name("vmath.h"))  # what the build hashes
 MAX_STREAMS = 8  # kernels.c: MAX_N
-FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c11"]
+# -ffp-contract=fast: a * b + c may become one fused multiply-add where the CPU has one (more
+# accurate, not less; 5-10% faster kernels); whether it does is fixed when the library is built,
+# so results still do not depend on the thread count.
+FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c11", "-ffp-contract=fast"]
 _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 _KERNELS = (
     "mhc_read_forward", "mhc_read_backward", "mhc_write_backward",
-    "mhc_hc_forward", "mhc_hc_backward", "mhc_mhc_forward", "mhc_mhc_backward",
+    "mhc_hc_forward", "mhc_hc_backward", "mhc_mhc_forward", "mhc_mhc_backward", "mhc_vmath",
 )
 
 _library: Optional[ctypes.CDLL] = None
@@ -120,7 +126,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"mhc_hc_forward_{suffix}").argtypes = [
             p, p, p, p, f64, f64, i32, f64, p, p, p, p, p, p, i64, i64, i64, i32]
         getattr(lib, f"mhc_hc_backward_{suffix}").argtypes = [
-            p, p, p, f64, f64, i32, p, p, p, p, p, p, p, p, p, i64, i64, i64, i32]
+            p, p, p, f64, f64, i32, p, p, p, p, p, p, p, p, p, p, i64, i64, i64, i32]
         getattr(lib, f"mhc_mhc_forward_{suffix}").argtypes = [
             p, p, p, f64, i64, p, p, p, p, p, p, i64, i64, i64, i32]
         getattr(lib, f"mhc_mhc_backward_{suffix}").argtypes = [
@@ -130,6 +136,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"mhc_write_backward_{suffix}").argtypes = [p, p, p, p, p, i64, i64, i64, i32]
         getattr(lib, f"mhc_sinkhorn_forward_{suffix}").argtypes = [p, p, i64, i64, i64, i32]
         getattr(lib, f"mhc_sinkhorn_backward_{suffix}").argtypes = [p, p, p, i64, i64, i64, i32]
+        getattr(lib, f"mhc_vmath_{suffix}").argtypes = [i32, p, p, i64]
         for name in _KERNELS:
             getattr(lib, f"{name}_{suffix}").restype = None
         getattr(lib, f"mhc_sinkhorn_forward_{suffix}").restype = i32
@@ -204,11 +211,18 @@ def _kernel(name: str, shapes: dict[str, tuple[Optional[torch.Tensor], tuple[int
     return getattr(library(), f"{name}_{_DTYPES[dtype]}")
 
 
+def _streams(x: torch.Tensor) -> tuple[tuple[int, ...], int, int, int]:
+    """(lead, M, n, C) for streams x (*lead, n, C): the kernels see M = prod(lead) tokens."""
+    *lead, n, c = x.shape
+    return tuple(lead), math.prod(lead), n, c
+
+
 def read_forward(x: torch.Tensor, read: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(R[:, 0] x, R[:, 1:] x) per token: x (M, n, C), read (M, n + 1, n) -> (M, C), (M, n, C)."""
-    m, n, c = x.shape
-    y_in, y_mix = x.new_empty(m, c), x.new_empty(m, n, c)
-    fn = _kernel("mhc_read_forward", {"x": (x, (m, n, c)), "read": (read, (m, n + 1, n))}, streams=n)
+    """(R[..., 0, :] x, R[..., 1:, :] x) per token: x (*lead, n, C), read (*lead, n + 1, n)
+    -> (*lead, C), (*lead, n, C)."""
+    lead, m, n, c = _streams(x)
+    y_in, y_mix = x.new_empty(*lead, c), x.new_empty(*lead, n, c)
+    fn = _kernel("mhc_read_forward", {"x": (x, (*lead, n, c)), "read": (read, (*lead, n + 1, n))}, streams=n)
     fn(x.data_ptr(), read.data_ptr(), y_in.data_ptr(), y_mix.data_ptr(), m, n, c, torch.get_num_threads())
     return y_in, y_mix
 
@@ -221,11 +235,12 @@ def read_backward(
     need_x: bool,
     need_read: bool,
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Gradients of x (M, n, C) and read (M, n + 1, n) from those of the two read outputs."""
-    m, n, c = x.shape
-    grad_x = x.new_empty(m, n, c) if need_x else None
-    grad_read = x.new_empty(m, n + 1, n) if need_read else None
-    fn = _kernel("mhc_read_backward", {"x": (x, (m, n, c)), "read": (read, (m, n + 1, n)), "grad_in": (grad_in, (m, c)), "grad_mixed": (grad_mixed, (m, n, c))}, streams=n)
+    """Gradients of x (*lead, n, C) and read (*lead, n + 1, n) from those of the two read
+    outputs."""
+    lead, m, n, c = _streams(x)
+    grad_x = x.new_empty(*lead, n, c) if need_x else None
+    grad_read = x.new_empty(*lead, n + 1, n) if need_read else None
+    fn = _kernel("mhc_read_backward", {"x": (x, (*lead, n, c)), "read": (read, (*lead, n + 1, n)), "grad_in": (grad_in, (*lead, c)), "grad_mixed": (grad_mixed, (*lead, n, c))}, streams=n)
     fn(x.data_ptr(), read.data_ptr(), grad_in.data_ptr(), grad_mixed.data_ptr(),
        _ptr(grad_x), _ptr(grad_read), m, n, c, torch.get_num_threads())
     return grad_x, grad_read
@@ -234,14 +249,27 @@ def read_backward(
 def write_backward(
     grad: torch.Tensor, layer_out: torch.Tensor, h_post: torch.Tensor, need_post: bool, need_out: bool
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """For out = mixed + H_post^T F: (dL/dH_post (M, n), dL/dF (M, C)) from dL/dout (M, n, C)."""
-    m, n, c = grad.shape
-    grad_post = grad.new_empty(m, n) if need_post else None
-    grad_out = grad.new_empty(m, c) if need_out else None
-    fn = _kernel("mhc_write_backward", {"grad": (grad, (m, n, c)), "layer_out": (layer_out, (m, c)), "h_post": (h_post, (m, n))}, streams=n)
+    """For out = mixed + H_post^T F: (dL/dH_post (*lead, n), dL/dF (*lead, C)) from dL/dout
+    (*lead, n, C)."""
+    lead, m, n, c = _streams(grad)
+    grad_post = grad.new_empty(*lead, n) if need_post else None
+    grad_out = grad.new_empty(*lead, c) if need_out else None
+    fn = _kernel("mhc_write_backward", {"grad": (grad, (*lead, n, c)), "layer_out": (layer_out, (*lead, c)), "h_post": (h_post, (*lead, n))}, streams=n)
     fn(grad.data_ptr(), layer_out.data_ptr(), h_post.data_ptr(), _ptr(grad_out), _ptr(grad_post),
        m, n, c, torch.get_num_threads())
     return grad_post, grad_out
+
+
+VMATH = ("exp", "log", "tanh", "sigmoid")  # vmath.h, in the order of its `which`
+
+
+def vmath(name: str, x: torch.Tensor) -> torch.Tensor:
+    """vmath.h's elementwise `name` (exp, log, tanh or sigmoid), as the kernels compute it, of
+    a contiguous float32/float64 CPU tensor (for the tests)."""
+    out = torch.empty_like(x)
+    fn = _kernel("mhc_vmath", {"x": (x, tuple(x.shape))})
+    fn(VMATH.index(name), x.data_ptr(), out.data_ptr(), x.numel())
+    return out
 
 
 def sinkhorn_forward(logits: torch.Tensor, iters: int) -> torch.Tensor:
@@ -272,14 +300,16 @@ def hc_forward(
     x: torch.Tensor, weight_t: torch.Tensor, static_alpha: torch.Tensor, static_beta: torch.Tensor,
     gate_alpha: float, gate_beta: float, use_tanh: bool, eps: float,
 ) -> tuple[torch.Tensor, ...]:
-    """HC's coefficients and read in one pass (kernels_impl.h, "HC"): x (M, n, C), weight_t
+    """HC's coefficients and read in one pass (kernels_impl.h, "HC"): x (*lead, n, C), weight_t
     (n + 2, C) = (w * [W_m | W_r | W_beta])^T, static_alpha (n, n + 1), static_beta (n,).
-    Returns y_in (M, C), y_mix (M, n, C), h_post (M, n), h_res (M, n, n) and, for the
-    backward, p (M, n, n + 2) (the normalised projections) and inv (M, n) (1 / rms)."""
-    m, n, c = x.shape
-    y_in, y_mix = x.new_empty(m, c), x.new_empty(m, n, c)
-    h_post, h_res, p, inv = x.new_empty(m, n), x.new_empty(m, n, n), x.new_empty(m, n, n + 2), x.new_empty(m, n)
-    fn = _kernel("mhc_hc_forward", {"x": (x, (m, n, c)), "weight_t": (weight_t, (n + 2, c)), "static_alpha": (static_alpha, (n, n + 1)), "static_beta": (static_beta, (n,))}, streams=n)
+    Returns y_in (*lead, C), y_mix (*lead, n, C), h_post (*lead, n), h_res (*lead, n, n) and,
+    for the backward, p (*lead, n, n + 2) (the normalised projections) and inv (*lead, n)
+    (1 / rms)."""
+    lead, m, n, c = _streams(x)
+    y_in, y_mix = x.new_empty(*lead, c), x.new_empty(*lead, n, c)
+    h_post, h_res = x.new_empty(*lead, n), x.new_empty(*lead, n, n)
+    p, inv = x.new_empty(*lead, n, n + 2), x.new_empty(*lead, n)
+    fn = _kernel("mhc_hc_forward", {"x": (x, (*lead, n, c)), "weight_t": (weight_t, (n + 2, c)), "static_alpha": (static_alpha, (n, n + 1)), "static_beta": (static_beta, (n,))}, streams=n)
     fn(x.data_ptr(), weight_t.data_ptr(), static_alpha.data_ptr(), static_beta.data_ptr(), gate_alpha,
        gate_beta, int(use_tanh), eps, y_in.data_ptr(), y_mix.data_ptr(), h_post.data_ptr(),
        h_res.data_ptr(), p.data_ptr(), inv.data_ptr(), m, n, c, torch.get_num_threads())
@@ -290,34 +320,36 @@ def hc_backward(
     x: torch.Tensor, weight_t: torch.Tensor, static_alpha: torch.Tensor, gate_alpha: float,
     gate_beta: float, use_tanh: bool, p: torch.Tensor, inv: torch.Tensor, grad_in: torch.Tensor,
     grad_mixed: torch.Tensor, grad_post: Optional[torch.Tensor], grad_hres: Optional[torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward of `hc_forward` in one pass: grad_x (M, n, C), the per-token gradient of
-    alpha (M, n, n + 1) and inv * dL/dp (M, n, n + 2), from which the caller sums the
-    parameter gradients."""
-    m, n, c = x.shape
-    grad_x, grad_alpha, dp_scaled = x.new_empty(m, n, c), x.new_empty(m, n, n + 1), x.new_empty(m, n, n + 2)
-    fn = _kernel("mhc_hc_backward", {"x": (x, (m, n, c)), "weight_t": (weight_t, (n + 2, c)), "static_alpha": (static_alpha, (n, n + 1)), "p": (p, (m, n, n + 2)), "inv": (inv, (m, n)), "grad_in": (grad_in, (m, c)), "grad_mixed": (grad_mixed, (m, n, c)), "grad_post": (grad_post, (m, n)), "grad_hres": (grad_hres, (m, n, n))}, streams=n)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of `hc_forward` in one pass: grad_x (*lead, n, C), the per-token gradient of
+    alpha (*lead, n, n + 1), inv * dL/dp (*lead, n, n + 2) and each token's parts of
+    dL/ds_alpha and dL/ds_beta (*lead, 2), from which the caller sums the parameter
+    gradients."""
+    lead, m, n, c = _streams(x)
+    grad_x, grad_alpha, dp_scaled = torch.empty_like(x), x.new_empty(*lead, n, n + 1), x.new_empty(*lead, n, n + 2)
+    gate_parts = x.new_empty(*lead, 2)
+    fn = _kernel("mhc_hc_backward", {"x": (x, (*lead, n, c)), "weight_t": (weight_t, (n + 2, c)), "static_alpha": (static_alpha, (n, n + 1)), "p": (p, (*lead, n, n + 2)), "inv": (inv, (*lead, n)), "grad_in": (grad_in, (*lead, c)), "grad_mixed": (grad_mixed, (*lead, n, c)), "grad_post": (grad_post, (*lead, n)), "grad_hres": (grad_hres, (*lead, n, n))}, streams=n)
     fn(x.data_ptr(), weight_t.data_ptr(), static_alpha.data_ptr(), gate_alpha, gate_beta, int(use_tanh),
        p.data_ptr(), inv.data_ptr(), grad_in.data_ptr(), grad_mixed.data_ptr(), _ptr(grad_post),
-       _ptr(grad_hres), grad_x.data_ptr(), grad_alpha.data_ptr(), dp_scaled.data_ptr(), m, n, c,
-       torch.get_num_threads())
-    return grad_x, grad_alpha, dp_scaled
+       _ptr(grad_hres), grad_x.data_ptr(), grad_alpha.data_ptr(), dp_scaled.data_ptr(),
+       gate_parts.data_ptr(), m, n, c, torch.get_num_threads())
+    return grad_x, grad_alpha, dp_scaled, gate_parts
 
 
 def mhc_forward(
     x: torch.Tensor, raw: torch.Tensor, bias: torch.Tensor, eps: float, iters: int
 ) -> tuple[torch.Tensor, ...]:
-    """mHC's coefficients and read in one pass (kernels_impl.h, "mHC"): x (M, n, C), raw =
-    vec(x) @ phi (M, 2n + n^2), bias (2n + n^2,). Returns y_in (M, C), y_mix (M, n, C),
-    h_post (M, n), h_res (M, n, n) and, for the backward, the logits (M, 2n + n^2) and
-    inv = 1 / rms(vec(x)) (M,)."""
-    m, n, c = x.shape
+    """mHC's coefficients and read in one pass (kernels_impl.h, "mHC"): x (*lead, n, C), raw =
+    vec(x) @ phi (*lead, 2n + n^2), bias (2n + n^2,). Returns y_in (*lead, C), y_mix
+    (*lead, n, C), h_post (*lead, n), h_res (*lead, n, n) and, for the backward, the logits
+    (*lead, 2n + n^2) and inv = 1 / rms(vec(x)) (*lead,)."""
+    lead, m, n, c = _streams(x)
     k = 2 * n + n * n
     if iters < 0:
         raise ValueError(f"mhc-lab native mhc: iters must be >= 0, got {iters}")
-    y_in, y_mix = x.new_empty(m, c), x.new_empty(m, n, c)
-    h_post, h_res, logits, inv = x.new_empty(m, n), x.new_empty(m, n, n), torch.empty_like(raw), x.new_empty(m)
-    fn = _kernel("mhc_mhc_forward", {"x": (x, (m, n, c)), "raw": (raw, (m, k)), "bias": (bias, (k,))}, streams=n)
+    y_in, y_mix = x.new_empty(*lead, c), x.new_empty(*lead, n, c)
+    h_post, h_res, logits, inv = x.new_empty(*lead, n), x.new_empty(*lead, n, n), torch.empty_like(raw), x.new_empty(lead)
+    fn = _kernel("mhc_mhc_forward", {"x": (x, (*lead, n, c)), "raw": (raw, (*lead, k)), "bias": (bias, (k,))}, streams=n)
     if fn(x.data_ptr(), raw.data_ptr(), bias.data_ptr(), eps, iters, y_in.data_ptr(), y_mix.data_ptr(),
           h_post.data_ptr(), h_res.data_ptr(), logits.data_ptr(), inv.data_ptr(), m, n, c,
           torch.get_num_threads()):
@@ -330,14 +362,14 @@ def mhc_backward(
     grad_in: torch.Tensor, grad_mixed: torch.Tensor, grad_post: Optional[torch.Tensor],
     grad_hres: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backward of `mhc_forward` up to the projection: grad_x (M, n, C) without the
+    """Backward of `mhc_forward` up to the projection: grad_x (*lead, n, C) without the
     projection's term (inv * dlogits) @ phi^T, which the caller adds, and dL/dlogits."""
-    m, n, c = x.shape
+    lead, m, n, c = _streams(x)
     k = 2 * n + n * n
     if iters < 0:
         raise ValueError(f"mhc-lab native mhc: iters must be >= 0, got {iters}")
     grad_x, dlogits = torch.empty_like(x), torch.empty_like(logits)
-    fn = _kernel("mhc_mhc_backward", {"x": (x, (m, n, c)), "logits": (logits, (m, k)), "inv": (inv, (m,)), "bias": (bias, (k,)), "grad_in": (grad_in, (m, c)), "grad_mixed": (grad_mixed, (m, n, c)), "grad_post": (grad_post, (m, n)), "grad_hres": (grad_hres, (m, n, n))}, streams=n)
+    fn = _kernel("mhc_mhc_backward", {"x": (x, (*lead, n, c)), "logits": (logits, (*lead, k)), "inv": (inv, lead), "bias": (bias, (k,)), "grad_in": (grad_in, (*lead, c)), "grad_mixed": (grad_mixed, (*lead, n, c)), "grad_post": (grad_post, (*lead, n)), "grad_hres": (grad_hres, (*lead, n, n))}, streams=n)
     if fn(x.data_ptr(), logits.data_ptr(), inv.data_ptr(), bias.data_ptr(), iters, grad_in.data_ptr(),
           grad_mixed.data_ptr(), _ptr(grad_post), _ptr(grad_hres), grad_x.data_ptr(), dlogits.data_ptr(),
           m, n, c, torch.get_num_threads()):

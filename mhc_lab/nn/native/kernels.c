@@ -21,6 +21,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define CAT_(a, b) a##_##b
 #define CAT(a, b) CAT_(a, b)
@@ -42,24 +43,57 @@
     default: break;                                                                            \
     }
 
+/* exp, log, tanh, sigmoid: vmath.h's vectorisable versions (see there); sqrt: libm's (an
+ * instruction). */
+#define EXP CAT(vexp, SUF)
+#define LOG CAT(vlog, SUF)
+#define TANH CAT(vtanh, SUF)
+#define SIGMOID CAT(vsigmoid, SUF)
+
 #define T float
 #define SUF f32
-#define EXP expf
-#define LOG logf
+#define ITYPE int32_t
+#define UTYPE uint32_t
+#define MANT_BITS 23
+#define EXP_BIAS 127
+#define LN2_HI 0.693359375            /* 355 / 512: k * LN2_HI is exact in float */
+#define LN2_LO -2.12194440054690583e-4 /* ln 2 - LN2_HI */
+#define EXP_HI 89.0                   /* exp overflows float above 88.72 */
+#define EXP_LO -104.0                 /* and is 0 below -103.97 */
 #define SQRT sqrtf
-#define TANH tanhf
+#define VL 16                         /* lanes of partial sums: 64 bytes */
+#define ROUNDER 12582912.0        /* 1.5 * 2^23 */
+#define VMATH_DOUBLE 0
+#include "vmath.h"
 #include "kernels_impl.h"
 #undef T
 #undef SUF
-#undef EXP
-#undef LOG
+#undef ITYPE
+#undef UTYPE
+#undef MANT_BITS
+#undef EXP_BIAS
+#undef LN2_HI
+#undef LN2_LO
+#undef EXP_HI
+#undef EXP_LO
 #undef SQRT
-#undef TANH
+#undef VL
+#undef ROUNDER
+#undef VMATH_DOUBLE
 
 #define T double
 #define SUF f64
-#define EXP exp
-#define LOG log
+#define ITYPE int64_t
+#define UTYPE uint64_t
+#define MANT_BITS 52
+#define EXP_BIAS 1023
+#define LN2_HI 6.93147180369123816490e-01 /* fdlibm's split of ln 2: k * LN2_HI exact */
+#define LN2_LO 1.90821492927058770002e-10
+#define EXP_HI 710.0                      /* exp overflows double above 709.78 */
+#define EXP_LO -746.0                     /* and is 0 below -745.13 */
 #define SQRT sqrt
-#define TANH tanh
+#define VL 8
+#define ROUNDER 6755399441055744.0 /* 1.5 * 2^52 */
+#define VMATH_DOUBLE 1
+#include "vmath.h"
 #include "kernels_impl.h"

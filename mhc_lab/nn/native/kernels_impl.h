@@ -1,6 +1,15 @@
 /* The kernels for one element type T (float or double), included twice by kernels.c.
  * Public names end in _SUF (f32, f64); see kernels.c for the legend and the layout. */
 
+/* Threads for a call with `work` elements: torch's number (nt), or 1 below GRAIN elements
+ * (torch's own grain size, at::internal::GRAIN_SIZE): a small call (the probe's 64 tokens)
+ * runs on the calling thread instead of waking the pool, which on a busy machine can wait a
+ * whole time slice for a descheduled thread. */
+#ifndef GRAIN
+#define GRAIN 32768
+#endif
+INLINE int CAT(threads_for, SUF)(const int64_t work, const int nt) { return work < GRAIN ? 1 : nt; }
+
 /* ---- stream read: y_in = R[0] x (H_pre x), y_mix[i] = R[1 + i] x (H_res x) ---------------- */
 
 INLINE void CAT(read_forward_token, SUF)(const T *restrict x, const T *restrict R,
@@ -23,6 +32,7 @@ INLINE void CAT(read_forward_token, SUF)(const T *restrict x, const T *restrict 
 void CAT(mhc_read_forward, SUF)(const T *restrict x, const T *restrict R, T *restrict y_in,
                                 T *restrict y_mix, int64_t M, int64_t n, int64_t C, int nt)
 {
+    nt = CAT(threads_for, SUF)(M * n * C, nt);
 #define BODY(N)                                                                                \
     _Pragma("omp parallel for num_threads(nt) schedule(static)")                              \
     for (int64_t m = 0; m < M; m++)                                                            \
@@ -32,37 +42,116 @@ void CAT(mhc_read_forward, SUF)(const T *restrict x, const T *restrict R, T *res
 #undef BODY
 }
 
-/* out[j] = <v, rows[j]> for rows (k, C): four dot products per sweep over C (one load of v
- * for four rows), each a vector reduction (omp simd: partial sums in lanes, added up in an
- * order fixed by C). */
+/* Dot products and sums of squares keep VL partial sums in one vector (64 bytes; GCC's and
+ * Clang's vector extension, lowered to the machine's registers) and add them up as a tree:
+ * the two halves, then their halves, down to one lane. An `omp simd` reduction adds its
+ * lanes one after another, a chain of VL dependent scalar adds per reduction, which at
+ * C = 64 cost about as much as the products. Element c goes to lane c % VL; the order of
+ * every addition is fixed by C alone. */
+typedef T CAT(vec, SUF) __attribute__((vector_size(VL * sizeof(T)), aligned(sizeof(T)), may_alias));
+typedef T CAT(half, SUF) __attribute__((vector_size(VL * sizeof(T) / 2), aligned(sizeof(T))));
+typedef T CAT(quarter, SUF) __attribute__((vector_size(VL * sizeof(T) / 4), aligned(sizeof(T))));
+#define VEC CAT(vec, SUF)
+#define VLOAD(p) (*(const VEC *)(p))
+#define VSTORE(p, v) (*(VEC *)(p) = (v))
+
+INLINE T CAT(lanes_sum, SUF)(const VEC a)
+{
+#if defined(__clang__) || __GNUC__ >= 12 /* halves as register shuffles */
+#if VL == 16
+    const CAT(half, SUF) h = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) +
+                             __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
+    const CAT(quarter, SUF) q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+#else
+    const CAT(half, SUF) h = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    const CAT(quarter, SUF) q = __builtin_shufflevector(h, h, 0, 1) + __builtin_shufflevector(h, h, 2, 3);
+#endif
+#else
+    CAT(half, SUF) h;
+    for (int l = 0; l < VL / 2; l++) h[l] = a[l] + a[l + VL / 2];
+    CAT(quarter, SUF) q;
+    for (int l = 0; l < VL / 4; l++) q[l] = h[l] + h[l + VL / 4];
+#endif
+#if VL == 16
+    return (q[0] + q[2]) + (q[1] + q[3]);
+#else
+    return q[0] + q[1];
+#endif
+}
+
+/* the partial sums of the last C % VL elements, as a vector (lanes past them 0) */
+INLINE VEC CAT(tail_products, SUF)(const T *restrict v, const T *restrict r, const int64_t rem)
+{
+    T t[VL];
+    for (int64_t l = 0; l < VL; l++) t[l] = l < rem ? v[l] * r[l] : 0;
+    VEC out;
+    memcpy(&out, t, sizeof out);
+    return out;
+}
+
+/* sum_c v[c]^2 */
+INLINE T CAT(sum_squares, SUF)(const T *restrict v, const int64_t C)
+{
+    const int64_t Cv = C - C % VL;
+    VEC a = {0};
+    for (int64_t c = 0; c < Cv; c += VL) a += VLOAD(v + c) * VLOAD(v + c);
+    if (Cv < C) a += CAT(tail_products, SUF)(v + Cv, v + Cv, C - Cv);
+    return CAT(lanes_sum, SUF)(a);
+}
+
+/* out[j] = <v, rows[j]> for rows (k, C): four (then two, then one) dot products per sweep
+ * over C (one load of v for several rows). */
 INLINE void CAT(dot_rows, SUF)(const T *restrict v, const T *restrict rows, const int64_t k,
                                const int64_t C, T *restrict out)
 {
+    const int64_t Cv = C - C % VL;
     int64_t j = 0;
     for (; j + 4 <= k; j += 4) {
         const T *restrict r0 = rows + j * C, *restrict r1 = r0 + C, *restrict r2 = r1 + C,
                 *restrict r3 = r2 + C;
-        T a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-        _Pragma("omp simd reduction(+:a0,a1,a2,a3)")
-        for (int64_t c = 0; c < C; c++) {
-            a0 += v[c] * r0[c];
-            a1 += v[c] * r1[c];
-            a2 += v[c] * r2[c];
-            a3 += v[c] * r3[c];
+        VEC a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        for (int64_t c = 0; c < Cv; c += VL) {
+            const VEC vc = VLOAD(v + c);
+            a0 += vc * VLOAD(r0 + c);
+            a1 += vc * VLOAD(r1 + c);
+            a2 += vc * VLOAD(r2 + c);
+            a3 += vc * VLOAD(r3 + c);
         }
-        out[j] = a0;
-        out[j + 1] = a1;
-        out[j + 2] = a2;
-        out[j + 3] = a3;
+        if (Cv < C) {
+            a0 += CAT(tail_products, SUF)(v + Cv, r0 + Cv, C - Cv);
+            a1 += CAT(tail_products, SUF)(v + Cv, r1 + Cv, C - Cv);
+            a2 += CAT(tail_products, SUF)(v + Cv, r2 + Cv, C - Cv);
+            a3 += CAT(tail_products, SUF)(v + Cv, r3 + Cv, C - Cv);
+        }
+        out[j] = CAT(lanes_sum, SUF)(a0);
+        out[j + 1] = CAT(lanes_sum, SUF)(a1);
+        out[j + 2] = CAT(lanes_sum, SUF)(a2);
+        out[j + 3] = CAT(lanes_sum, SUF)(a3);
+    }
+    for (; j + 2 <= k; j += 2) {
+        const T *restrict r0 = rows + j * C, *restrict r1 = r0 + C;
+        VEC a0 = {0}, a1 = {0};
+        for (int64_t c = 0; c < Cv; c += VL) {
+            const VEC vc = VLOAD(v + c);
+            a0 += vc * VLOAD(r0 + c);
+            a1 += vc * VLOAD(r1 + c);
+        }
+        if (Cv < C) {
+            a0 += CAT(tail_products, SUF)(v + Cv, r0 + Cv, C - Cv);
+            a1 += CAT(tail_products, SUF)(v + Cv, r1 + Cv, C - Cv);
+        }
+        out[j] = CAT(lanes_sum, SUF)(a0);
+        out[j + 1] = CAT(lanes_sum, SUF)(a1);
     }
     for (; j < k; j++) {
         const T *restrict r = rows + j * C;
-        T a = 0;
-        _Pragma("omp simd reduction(+:a)")
-        for (int64_t c = 0; c < C; c++) a += v[c] * r[c];
-        out[j] = a;
+        VEC a = {0};
+        for (int64_t c = 0; c < Cv; c += VL) a += VLOAD(v + c) * VLOAD(r + c);
+        if (Cv < C) a += CAT(tail_products, SUF)(v + Cv, r + Cv, C - Cv);
+        out[j] = CAT(lanes_sum, SUF)(a);
     }
 }
+
 
 /* ---- backward of the read ----------------------------------------------------------------
  * gy_0 = g_in (M, C), gy_{1+i} = g_mix[:, i] (M, n, C).
@@ -98,6 +187,7 @@ void CAT(mhc_read_backward, SUF)(const T *restrict x, const T *restrict R,
                                  T *restrict grad_x, T *restrict grad_R, int64_t M, int64_t n,
                                  int64_t C, int nt)
 {
+    nt = CAT(threads_for, SUF)(M * n * C, nt);
 #define BODY(N)                                                                                \
     _Pragma("omp parallel for num_threads(nt) schedule(static)")                              \
     for (int64_t m = 0; m < M; m++)                                                            \
@@ -133,6 +223,7 @@ void CAT(mhc_write_backward, SUF)(const T *restrict g, const T *restrict F,
                                   const T *restrict h_post, T *restrict grad_F,
                                   T *restrict grad_post, int64_t M, int64_t n, int64_t C, int nt)
 {
+    nt = CAT(threads_for, SUF)(M * n * C, nt);
 #define BODY(N)                                                                                \
     _Pragma("omp parallel for num_threads(nt) schedule(static)")                              \
     for (int64_t m = 0; m < M; m++)                                                            \
@@ -152,6 +243,45 @@ void CAT(mhc_write_backward, SUF)(const T *restrict g, const T *restrict F,
 #ifndef SK_BLOCK
 #define SK_BLOCK 64
 #endif
+
+/* Iterations 2..iters for a block: each VL-token slice of h (n * n, SK_BLOCK) held as n * n
+ * vector registers through all of them (n a literal, so the loops unroll), column then row
+ * normalisations with one division per sum; with `slot` (H1's trace slot), every half-step's
+ * matrix is stored to the slots after it. The same operations in the same order as one
+ * array pass per step, without the memory traffic. */
+INLINE void CAT(sinkhorn_later, SUF)(T *restrict h, T *restrict slot, const int64_t iters,
+                                     const int64_t n)
+{
+    const int64_t nn = n * n;
+    for (int64_t sb = 0; sb < SK_BLOCK; sb += VL) {
+        VEC H[MAX_N * MAX_N];
+        for (int64_t k = 0; k < nn; k++) H[k] = VLOAD(h + k * SK_BLOCK + sb);
+        T *out = slot;
+        for (int64_t t = 1; t < iters; t++) {
+            for (int64_t j = 0; j < n; j++) { /* columns: sums over i */
+                VEC sum = H[j];
+                for (int64_t i = 1; i < n; i++) sum += H[i * n + j];
+                const VEC r = 1 / sum;
+                for (int64_t i = 0; i < n; i++) H[i * n + j] *= r;
+            }
+            if (out) {
+                out += nn * SK_BLOCK;
+                for (int64_t k = 0; k < nn; k++) VSTORE(out + k * SK_BLOCK + sb, H[k]);
+            }
+            for (int64_t i = 0; i < n; i++) { /* rows: sums over j */
+                VEC sum = H[i * n];
+                for (int64_t j = 1; j < n; j++) sum += H[i * n + j];
+                const VEC r = 1 / sum;
+                for (int64_t j = 0; j < n; j++) H[i * n + j] *= r;
+            }
+            if (out) {
+                out += nn * SK_BLOCK;
+                for (int64_t k = 0; k < nn; k++) VSTORE(out + k * SK_BLOCK + sb, H[k]);
+            }
+        }
+        for (int64_t k = 0; k < nn; k++) VSTORE(h + k * SK_BLOCK + sb, H[k]);
+    }
+}
 
 static void CAT(sinkhorn_block, SUF)(const T *z, int64_t zstride, int64_t nb, int64_t n,
                                      int64_t iters, T *restrict h, T *restrict lp,
@@ -198,58 +328,51 @@ static void CAT(sinkhorn_block, SUF)(const T *z, int64_t zstride, int64_t nb, in
         for (int64_t j = 0; j < n; j++)
             for (int64_t b = 0; b < nb; b++) hrow[j * SK_BLOCK + b] /= s[b];
     }
-    T *out = trace ? trace + nn * SK_BLOCK : NULL;
-    if (out)
-        for (int64_t k = 0; k < nn * SK_BLOCK; k++) out[k] = h[k];
-    for (int64_t t = 1; t < iters; t++) {
-        for (int64_t j = 0; j < n; j++) { /* columns: sums over i */
-            for (int64_t b = 0; b < SK_BLOCK; b++) s[b] = 0;
-            for (int64_t i = 0; i < n; i++)
-                for (int64_t b = 0; b < SK_BLOCK; b++) s[b] += h[(i * n + j) * SK_BLOCK + b];
-            for (int64_t i = 0; i < n; i++)
-                for (int64_t b = 0; b < SK_BLOCK; b++) h[(i * n + j) * SK_BLOCK + b] /= s[b];
-        }
-        if (out) {
-            out += nn * SK_BLOCK;
-            for (int64_t k = 0; k < nn * SK_BLOCK; k++) out[k] = h[k];
-        }
-        for (int64_t i = 0; i < n; i++) { /* rows: sums over j */
-            T *hrow = h + i * n * SK_BLOCK;
-            for (int64_t b = 0; b < SK_BLOCK; b++) s[b] = 0;
-            for (int64_t j = 0; j < n; j++)
-                for (int64_t b = 0; b < SK_BLOCK; b++) s[b] += hrow[j * SK_BLOCK + b];
-            for (int64_t j = 0; j < n; j++)
-                for (int64_t b = 0; b < SK_BLOCK; b++) hrow[j * SK_BLOCK + b] /= s[b];
-        }
-        if (out) {
-            out += nn * SK_BLOCK;
-            for (int64_t k = 0; k < nn * SK_BLOCK; k++) out[k] = h[k];
-        }
-    }
+    /* The later steps, VL tokens at a time in registers (`sinkhorn_later`); with the trace,
+     * H1 goes to its slot first. */
+    if (trace)
+        for (int64_t k = 0; k < nn * SK_BLOCK; k++) trace[nn * SK_BLOCK + k] = h[k];
+#define BODY(N) CAT(sinkhorn_later, SUF)(h, trace ? trace + nn * SK_BLOCK : NULL, iters, N)
+    DISPATCH_N(n, BODY)
+#undef BODY
 }
 
 /* The backward steps on a block: w = dH * H on entry (entry-major, SK_BLOCK lanes), dz on
  * return; trace from sinkhorn_block. Each step Y = X / sum_d X, backwards:
- * W <- W - Y * sum_d(W) (see sinkhorn._iterate_backward). */
+ * W <- W - Y * sum_d(W) (see sinkhorn._iterate_backward). W stays in n * n vector registers
+ * for VL tokens at a time through all 2 * iters steps (n a literal: the loops unroll). */
+INLINE void CAT(sinkhorn_back_steps, SUF)(T *restrict w, const T *restrict trace, const int64_t n,
+                                          const int64_t iters)
+{
+    const int64_t nn = n * n;
+    for (int64_t sb = 0; sb < SK_BLOCK; sb += VL) {
+        VEC W[MAX_N * MAX_N];
+        for (int64_t k = 0; k < nn; k++) W[k] = VLOAD(w + k * SK_BLOCK + sb);
+        for (int64_t step = 2 * iters - 1; step >= 0; step--) {
+            const T *y = trace + step * nn * SK_BLOCK + sb;
+            if (step % 2 == 0) /* a column step: sums over i along each column */
+                for (int64_t j = 0; j < n; j++) {
+                    VEC sum = W[j];
+                    for (int64_t i = 1; i < n; i++) sum += W[i * n + j];
+                    for (int64_t i = 0; i < n; i++) W[i * n + j] -= VLOAD(y + (i * n + j) * SK_BLOCK) * sum;
+                }
+            else /* a row step: sums over j along each row */
+                for (int64_t i = 0; i < n; i++) {
+                    VEC sum = W[i * n];
+                    for (int64_t j = 1; j < n; j++) sum += W[i * n + j];
+                    for (int64_t j = 0; j < n; j++) W[i * n + j] -= VLOAD(y + (i * n + j) * SK_BLOCK) * sum;
+                }
+        }
+        for (int64_t k = 0; k < nn; k++) VSTORE(w + k * SK_BLOCK + sb, W[k]);
+    }
+}
+
 static void CAT(sinkhorn_block_backward, SUF)(T *restrict w, const T *restrict trace, int64_t n,
                                               int64_t iters)
 {
-    const int64_t nn = n * n;
-    for (int64_t step = 2 * iters - 1; step >= 0; step--) {
-        const T *y = trace + step * nn * SK_BLOCK;
-        /* column steps (even) sum over i along column a; row steps (odd) over j along row a */
-        const int64_t line = step % 2 == 0 ? 1 : n, across = step % 2 == 0 ? n : 1;
-        T sum[SK_BLOCK];
-        for (int64_t a = 0; a < n; a++) {
-            const int64_t base = a * line;
-            for (int64_t b = 0; b < SK_BLOCK; b++) sum[b] = 0;
-            for (int64_t e = 0; e < n; e++)
-                for (int64_t b = 0; b < SK_BLOCK; b++) sum[b] += w[(base + e * across) * SK_BLOCK + b];
-            for (int64_t e = 0; e < n; e++)
-                for (int64_t b = 0; b < SK_BLOCK; b++)
-                    w[(base + e * across) * SK_BLOCK + b] -= y[(base + e * across) * SK_BLOCK + b] * sum[b];
-        }
-    }
+#define BODY(N) CAT(sinkhorn_back_steps, SUF)(w, trace, N, iters)
+    DISPATCH_N(n, BODY)
+#undef BODY
 }
 
 /* Per-thread scratch: h, lp and (backward) the trace; h and lp start finite (all ones). */
@@ -268,6 +391,7 @@ static T *CAT(sinkhorn_scratch, SUF)(int64_t n, int64_t iters, int with_trace)
 static int CAT(sinkhorn_run, SUF)(const T *restrict z, const T *restrict grad_h, T *restrict out,
                                   int64_t M, int64_t n, int64_t iters, int nt)
 {
+    nt = CAT(threads_for, SUF)(M * n * n * (iters + 1), nt);
     int failed = 0;
     const int64_t nn = n * n, blocks = (M + SK_BLOCK - 1) / SK_BLOCK;
     _Pragma("omp parallel num_threads(nt) reduction(|:failed)")
@@ -327,25 +451,23 @@ INLINE void CAT(hc_forward_token, SUF)(const T *restrict x, const T *restrict Wt
                                        const int64_t n, const int64_t C)
 {
     const int64_t K = n + 2;
-    T R[(MAX_N + 1) * MAX_N];
+    T R[(MAX_N + 1) * MAX_N], t[MAX_N * (MAX_N + 2)];
+    T ss[MAX_N];
+    for (int64_t i = 0; i < n; i++) { /* the norms and projections first: no wait on 1/sqrt */
+        ss[i] = CAT(sum_squares, SUF)(x + i * C, C);
+        CAT(dot_rows, SUF)(x + i * C, Wt, K, C, p_out + i * K);
+    }
+    for (int64_t i = 0; i < n; i++) inv_out[i] = 1 / SQRT(ss[i] / (T)C + eps);
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t k = 0; k < K; k++) p_out[i * K + k] *= inv_out[i];
+    /* the token's n (n + 2) tanh in one vectorised loop */
+    if (use_tanh)
+        for (int64_t q = 0; q < n * K; q++) t[q] = TANH(p_out[q]);
+    else
+        for (int64_t q = 0; q < n * K; q++) t[q] = p_out[q];
     for (int64_t i = 0; i < n; i++) {
-        const T *restrict xi = x + i * C;
-        T ss = 0;
-        _Pragma("omp simd reduction(+:ss)")
-        for (int64_t c = 0; c < C; c++) ss += xi[c] * xi[c];
-        const T inv = 1 / SQRT(ss / (T)C + eps);
-        T raw[MAX_N + 2];
-        CAT(dot_rows, SUF)(xi, Wt, K, C, raw);
-        inv_out[i] = inv;
-        for (int64_t k = 0; k < K; k++) {
-            const T p = raw[k] * inv;
-            const T t = use_tanh ? TANH(p) : p;
-            p_out[i * K + k] = p;
-            if (k <= n)
-                R[k * n + i] = A[i * (n + 1) + k] + s_a * t;
-            else
-                h_post[i] = Bv[i] + s_b * t;
-        }
+        for (int64_t k = 0; k <= n; k++) R[k * n + i] = A[i * (n + 1) + k] + s_a * t[i * K + k];
+        h_post[i] = Bv[i] + s_b * t[i * K + n + 1];
     }
     for (int64_t i = 0; i < n; i++)
         for (int64_t j = 0; j < n; j++) h_res[i * n + j] = R[(1 + i) * n + j];
@@ -360,6 +482,7 @@ void CAT(mhc_hc_forward, SUF)(const T *restrict x, const T *restrict Wt, const T
                               T *restrict h_post, T *restrict h_res, T *restrict p,
                               T *restrict inv, int64_t M, int64_t n, int64_t C, int nt)
 {
+    nt = CAT(threads_for, SUF)(M * n * C, nt);
 #define BODY(N)                                                                                \
     _Pragma("omp parallel for num_threads(nt) schedule(static)")                              \
     for (int64_t m = 0; m < M; m++)                                                            \
@@ -376,6 +499,8 @@ void CAT(mhc_hc_forward, SUF)(const T *restrict x, const T *restrict Wt, const T
  *   dt_i = s_a * dalpha_i | s_b * g_post_i,  dp_i = dt_i * (1 - t_i^2) (tanh) or dt_i
  *   dp_scaled_i = inv_i * dp_i                      (for dL/dW = sum x_i^T dp_scaled_i)
  *   grad_x_j = sum_q R[q][j] gy_q + Wt^T dp_scaled_j - x_j * inv_j^2 / C * <dp_j, p_j>
+ *   gate_parts = (sum_{i, q} dalpha_i[q] t_i[q], sum_i g_post_i t_i[n + 1]): the token's parts
+ *   of dL/ds_alpha and dL/ds_beta
  * One pass over the token's streams and their gradients. */
 INLINE void CAT(hc_backward_token, SUF)(const T *restrict x, const T *restrict Wt,
                                         const T *restrict A, const T s_a, const T s_b,
@@ -384,9 +509,10 @@ INLINE void CAT(hc_backward_token, SUF)(const T *restrict x, const T *restrict W
                                         const T *restrict g_mix, const T *restrict g_post,
                                         const T *restrict g_hres, T *restrict grad_x,
                                         T *restrict grad_alpha, T *restrict dp_scaled,
-                                        const int64_t n, const int64_t C)
+                                        T *restrict gate_parts, const int64_t n, const int64_t C)
 {
     const int64_t K = n + 2;
+    T ga = 0, gb = 0; /* this token's parts of dL/ds_alpha and dL/ds_beta */
     T R[(MAX_N + 1) * MAX_N], dR[(MAX_N + 1) * MAX_N], coef[MAX_N];
     const T *gy[MAX_N + 1];
     gy[0] = g_in;
@@ -394,17 +520,24 @@ INLINE void CAT(hc_backward_token, SUF)(const T *restrict x, const T *restrict W
     for (int64_t q = 0; q <= n; q++) CAT(dot_rows, SUF)(gy[q], x, n, C, dR + q * n);
     if (g_hres)
         for (int64_t k = 0; k < n * n; k++) dR[n + k] += g_hres[k];
+    T tt[MAX_N * (MAX_N + 2)]; /* tanh(p), recomputed in one vectorised loop */
+    if (use_tanh)
+        for (int64_t q = 0; q < n * K; q++) tt[q] = TANH(p[q]);
+    else
+        for (int64_t q = 0; q < n * K; q++) tt[q] = p[q];
     for (int64_t i = 0; i < n; i++) {
         T sdp = 0;
         for (int64_t k = 0; k < K; k++) {
             const T pk = p[i * K + k];
-            const T t = use_tanh ? TANH(pk) : pk;
+            const T t = tt[i * K + k];
             T dt;
             if (k <= n) {
                 R[k * n + i] = A[i * (n + 1) + k] + s_a * t;
                 grad_alpha[i * (n + 1) + k] = dR[k * n + i];
+                ga += dR[k * n + i] * t;
                 dt = s_a * dR[k * n + i];
             } else {
+                gb += g_post ? g_post[i] * t : 0;
                 dt = g_post ? s_b * g_post[i] : 0;
             }
             const T dp = use_tanh ? dt * (1 - t * t) : dt;
@@ -413,6 +546,8 @@ INLINE void CAT(hc_backward_token, SUF)(const T *restrict x, const T *restrict W
         }
         coef[i] = -sdp * inv[i] * inv[i] / (T)C;
     }
+    gate_parts[0] = ga;
+    gate_parts[1] = gb;
     for (int64_t j = 0; j < n; j++) {
         T r[MAX_N + 1], w[MAX_N + 2];
         for (int64_t q = 0; q <= n; q++) r[q] = R[q * n + j];
@@ -429,15 +564,16 @@ INLINE void CAT(hc_backward_token, SUF)(const T *restrict x, const T *restrict W
     }
 }
 
-/* grad_x (M, n, C), grad_alpha (M, n, n + 1), dp_scaled (M, n, K) out. */
+/* grad_x (M, n, C), grad_alpha (M, n, n + 1), dp_scaled (M, n, K), gate_parts (M, 2) out. */
 void CAT(mhc_hc_backward, SUF)(const T *restrict x, const T *restrict Wt, const T *restrict A,
                                double s_a, double s_b, int use_tanh, const T *restrict p,
                                const T *restrict inv, const T *restrict g_in,
                                const T *restrict g_mix, const T *restrict g_post,
                                const T *restrict g_hres, T *restrict grad_x,
-                               T *restrict grad_alpha, T *restrict dp_scaled, int64_t M,
-                               int64_t n, int64_t C, int nt)
+                               T *restrict grad_alpha, T *restrict dp_scaled,
+                               T *restrict gate_parts, int64_t M, int64_t n, int64_t C, int nt)
 {
+    nt = CAT(threads_for, SUF)(M * n * C, nt);
 #define BODY(N)                                                                                \
     _Pragma("omp parallel for num_threads(nt) schedule(static)")                              \
     for (int64_t m = 0; m < M; m++)                                                            \
@@ -446,7 +582,7 @@ void CAT(mhc_hc_backward, SUF)(const T *restrict x, const T *restrict Wt, const 
                                     g_mix + m * N * C, g_post ? g_post + m * N : NULL,          \
                                     g_hres ? g_hres + m * N * N : NULL, grad_x + m * N * C,     \
                                     grad_alpha + m * N * (N + 1), dp_scaled + m * N * (N + 2),  \
-                                    N, C)
+                                    gate_parts + 2 * m, N, C)
     DISPATCH_N(n, BODY)
 #undef BODY
 }
@@ -461,17 +597,34 @@ void CAT(mhc_hc_backward, SUF)(const T *restrict x, const T *restrict Wt, const 
  * Tokens go in blocks of SK_BLOCK: norms and gates per token, Sinkhorn-Knopp over the block
  * (vectorised over tokens), the read per token while the block's streams are in cache. */
 
-INLINE T CAT(sigmoid, SUF)(const T a) { return 1 / (1 + EXP(-a)); }
-
-/* Per-thread scratch of the mHC kernels: Sinkhorn's (h, lp[, trace]) and two (n + 1) x n
- * matrices per token of a block (R and its gradient). */
+/* Per-thread scratch of the mHC kernels: Sinkhorn's (h, lp[, trace]), two (n + 1) x n
+ * matrices per token of a block (R and its gradient) and the block's 2n gates (entry-major). */
 static T *CAT(mhc_scratch, SUF)(int64_t n, int64_t iters, int with_trace)
 {
     const size_t sk = (size_t)(n * n * SK_BLOCK) * (2 + (with_trace ? 2 * (size_t)iters : 0));
-    T *buf = malloc(sizeof(T) * (sk + 2 * (size_t)((n + 1) * n * SK_BLOCK)));
+    T *buf = malloc(sizeof(T) * (sk + (size_t)((2 * (n + 1) * n + 2 * n) * SK_BLOCK)));
     if (buf)
         for (size_t k = 0; k < sk; k++) buf[k] = 1; /* finite lanes past a partial block */
     return buf;
+}
+
+/* The block's gates sigmoid(logits[0, 2n)) into ge (2n, SK_BLOCK) and, for iters = 0,
+ * H_res = exp(logits[2n, K)) into h (n * n, SK_BLOCK): entry-major, so that the exp run
+ * vectorised over tokens. z: the block's rows of logits (M, K). */
+static void CAT(gates_block, SUF)(const T *restrict z, int64_t K, int64_t nb, int64_t n,
+                                  int64_t iters, T *restrict ge, T *restrict h)
+{
+    for (int64_t j = 0; j < 2 * n; j++) {
+        T *restrict g = ge + j * SK_BLOCK;
+        for (int64_t b = 0; b < nb; b++) g[b] = z[b * K + j];
+        for (int64_t b = 0; b < nb; b++) g[b] = SIGMOID(g[b]);
+    }
+    if (iters == 0)
+        for (int64_t k = 0; k < n * n; k++) {
+            T *restrict hk = h + k * SK_BLOCK;
+            for (int64_t b = 0; b < nb; b++) hk[b] = z[b * K + 2 * n + k];
+            for (int64_t b = 0; b < nb; b++) hk[b] = EXP(hk[b]);
+        }
 }
 
 INLINE void CAT(read_forward_block, SUF)(const T *restrict x, const T *restrict R,
@@ -491,6 +644,7 @@ int CAT(mhc_mhc_forward, SUF)(const T *restrict x, const T *restrict raw, const 
                               T *restrict h_post, T *restrict h_res, T *restrict logits,
                               T *restrict inv, int64_t M, int64_t n, int64_t C, int nt)
 {
+    nt = CAT(threads_for, SUF)(M * n * C, nt);
     int failed = 0;
     const int64_t nn = n * n, K = 2 * n + nn, D = n * C, blocks = (M + SK_BLOCK - 1) / SK_BLOCK;
     _Pragma("omp parallel num_threads(nt) reduction(|:failed)")
@@ -498,6 +652,7 @@ int CAT(mhc_mhc_forward, SUF)(const T *restrict x, const T *restrict raw, const 
         T *buf = CAT(mhc_scratch, SUF)(n, iters, 0);
         if (!buf) failed = 1;
         T *hb = buf, *lp = buf + nn * SK_BLOCK, *R = buf + 2 * nn * SK_BLOCK;
+        T *ge = R + 2 * (n + 1) * n * SK_BLOCK;
         _Pragma("omp for schedule(static)")
         for (int64_t blk = 0; blk < blocks; blk++) {
             if (!buf) continue;
@@ -506,24 +661,24 @@ int CAT(mhc_mhc_forward, SUF)(const T *restrict x, const T *restrict raw, const 
             for (int64_t b = 0; b < nb; b++) {
                 const int64_t m = m0 + b;
                 const T *restrict v = x + m * D;
-                T ss = 0;
-                _Pragma("omp simd reduction(+:ss)")
-                for (int64_t c = 0; c < D; c++) ss += v[c] * v[c];
+                const T ss = CAT(sum_squares, SUF)(v, D);
                 const T r = 1 / SQRT(ss / (T)D + (T)eps);
                 inv[m] = r;
                 T *lg = logits + m * K;
                 for (int64_t k = 0; k < K; k++) lg[k] = raw[m * K + k] * r + bias[k];
-                for (int64_t j = 0; j < n; j++) R[b * (n + 1) * n + j] = CAT(sigmoid, SUF)(lg[j]);
-                for (int64_t i = 0; i < n; i++) h_post[m * n + i] = 2 * CAT(sigmoid, SUF)(lg[n + i]);
             }
+            CAT(gates_block, SUF)(logits + m0 * K, K, nb, n, iters, ge, hb);
             if (iters > 0)
                 CAT(sinkhorn_block, SUF)(logits + m0 * K + 2 * n, K, nb, n, iters, hb, lp, NULL);
-            for (int64_t b = 0; b < nb; b++)
+            for (int64_t b = 0; b < nb; b++) {
+                for (int64_t j = 0; j < n; j++) R[b * (n + 1) * n + j] = ge[j * SK_BLOCK + b];
+                for (int64_t i = 0; i < n; i++) h_post[(m0 + b) * n + i] = 2 * ge[(n + i) * SK_BLOCK + b];
                 for (int64_t k = 0; k < nn; k++) {
-                    const T h = iters > 0 ? hb[k * SK_BLOCK + b] : EXP(logits[(m0 + b) * K + 2 * n + k]);
+                    const T h = hb[k * SK_BLOCK + b];
                     R[b * (n + 1) * n + n + k] = h;
                     h_res[(m0 + b) * nn + k] = h;
                 }
+            }
 #define BODY(N) CAT(read_forward_block, SUF)(x + m0 * D, R, y_in + m0 * C, y_mix + m0 * D, nb, N, C)
             DISPATCH_N(n, BODY)
 #undef BODY
@@ -575,6 +730,7 @@ int CAT(mhc_mhc_backward, SUF)(const T *restrict x, const T *restrict logits,
                                T *restrict grad_x, T *restrict dlogits, int64_t M, int64_t n,
                                int64_t C, int nt)
 {
+    nt = CAT(threads_for, SUF)(M * n * C, nt);
     int failed = 0;
     const int64_t nn = n * n, K = 2 * n + nn, D = n * C, blocks = (M + SK_BLOCK - 1) / SK_BLOCK;
     const int64_t P = (n + 1) * n;
@@ -583,21 +739,21 @@ int CAT(mhc_mhc_backward, SUF)(const T *restrict x, const T *restrict logits,
         T *buf = CAT(mhc_scratch, SUF)(n, iters, 1);
         if (!buf) failed = 1;
         T *w = buf, *lp = buf + nn * SK_BLOCK, *trace = buf + 2 * nn * SK_BLOCK;
-        T *R = buf + (2 + 2 * iters) * nn * SK_BLOCK, *dR = R + P * SK_BLOCK;
+        T *R = buf + (2 + 2 * iters) * nn * SK_BLOCK, *dR = R + P * SK_BLOCK, *ge = dR + P * SK_BLOCK;
         _Pragma("omp for schedule(static)")
         for (int64_t blk = 0; blk < blocks; blk++) {
             if (!buf) continue;
             const int64_t m0 = blk * SK_BLOCK;
             const int64_t nb = M - m0 < SK_BLOCK ? M - m0 : SK_BLOCK;
-            if (iters > 0) /* recompute H_res and the trace */
+            /* recompute the gates and H_res (w), with Sinkhorn-Knopp's trace */
+            CAT(gates_block, SUF)(logits + m0 * K, K, nb, n, iters, ge, w);
+            if (iters > 0)
                 CAT(sinkhorn_block, SUF)(logits + m0 * K + 2 * n, K, nb, n, iters, w, lp, trace);
             for (int64_t b = 0; b < nb; b++) {
                 const int64_t m = m0 + b;
-                const T *lg = logits + m * K;
                 T *Rb = R + b * P, *dRb = dR + b * P, *dl = dlogits + m * K;
-                for (int64_t j = 0; j < n; j++) Rb[j] = CAT(sigmoid, SUF)(lg[j]);
-                for (int64_t k = 0; k < nn; k++)
-                    Rb[n + k] = iters > 0 ? w[k * SK_BLOCK + b] : EXP(lg[2 * n + k]);
+                for (int64_t j = 0; j < n; j++) Rb[j] = ge[j * SK_BLOCK + b];
+                for (int64_t k = 0; k < nn; k++) Rb[n + k] = w[k * SK_BLOCK + b];
                 CAT(dot_rows, SUF)(g_in + m * C, x + m * D, n, C, dRb);
                 for (int64_t q = 0; q < n; q++)
                     CAT(dot_rows, SUF)(g_mix + m * D + q * C, x + m * D, n, C, dRb + (q + 1) * n);
@@ -606,7 +762,7 @@ int CAT(mhc_mhc_backward, SUF)(const T *restrict x, const T *restrict logits,
                 for (int64_t j = 0; j < n; j++) /* sigmoid' = s (1 - s) */
                     dl[j] = dRb[j] * Rb[j] * (1 - Rb[j]);
                 for (int64_t i = 0; i < n; i++) {
-                    const T s = CAT(sigmoid, SUF)(lg[n + i]);
+                    const T s = ge[(n + i) * SK_BLOCK + b];
                     dl[n + i] = g_post ? g_post[m * n + i] * 2 * s * (1 - s) : 0;
                 }
                 if (iters > 0)
@@ -634,3 +790,7 @@ int CAT(mhc_mhc_backward, SUF)(const T *restrict x, const T *restrict logits,
     }
     return failed ? -1 : 0;
 }
+
+#undef VEC
+#undef VLOAD
+#undef VSTORE
