@@ -57,6 +57,8 @@ if TYPE_CHECKING:
     from rich.table import Table
 
 OWN_VARIANTS: tuple[str, ...] = ("residual", "hc", "mhc")
+# The exact doubly-stochastic mHC variants (nn/variants.py); `--exact` (the default) adds them.
+EXACT_VARIANTS: tuple[str, ...] = ("mhc_lite", "kromhc", "ortho")
 PEAK_MEANING = {
     "cuda": "torch.cuda.max_memory_allocated during one step minus memory allocated before it",
     "cpu": "peak resident set size (VmHWM) during one step minus the resident size before it, "
@@ -87,6 +89,7 @@ class BenchSettings:
     warmup: int = 3  # untimed steps per variant before timing
     sinkhorn_iters: int = 20
     peer: bool = True  # add the hyper-connections package's rows when it is importable
+    exact: bool = True  # add rows for the exact mHC variants (mhc_lite, kromhc, ortho)
     device: str = "auto"  # auto | cpu | cuda | mps
     threads: Optional[int] = None  # torch CPU threads during the run; None = leave as is
     compile: bool = False  # wrap every variant's model in torch.compile before timing
@@ -130,11 +133,12 @@ class BenchSettings:
 class BenchRow:
     """One variant at one width."""
 
-    variant: str  # residual | hc | mhc | peer-hc | peer-mhc
+    variant: str  # residual | hc | mhc | mhc_lite | kromhc | ortho | peer-hc | peer-mhc
     d_model: int
     median_ms: float  # median step time (forward + backward + AdamW step)
     min_ms: float
     ratio: float  # median over repetitions of (this step / residual's step)
+    vs_mhc: float  # median over repetitions of (this step / mHC's step)
     peak_mb: Optional[float]  # see module docstring
     saved_mb: float  # tensors saved for backward, MiB
     params: int
@@ -200,7 +204,7 @@ class PeerLanguageModel(nn.Module):
 
 def build_variant(variant: str, d_model: int, s: BenchSettings, device: torch.device) -> nn.Module:
     """The full model for one variant, on `device`."""
-    own = variant if variant in OWN_VARIANTS else "residual"
+    own = variant if variant in (*OWN_VARIANTS, *EXACT_VARIANTS) else "residual"
     cfg = ModelConfig(
         d_model=d_model,
         depth=s.depth,
@@ -340,7 +344,7 @@ def run_bench(settings: BenchSettings, progress: Optional[Callable[[str], None]]
 
 def _run_bench(settings: BenchSettings, progress: Optional[Callable[[str], None]]) -> list[BenchRow]:
     device = resolve_device(settings.device)
-    variants = list(OWN_VARIANTS)
+    variants = list(OWN_VARIANTS) + (list(EXACT_VARIANTS) if settings.exact else [])
     if settings.peer and peer_available():
         variants += list(PEER_VARIANTS)
     rows: list[BenchRow] = []
@@ -379,6 +383,7 @@ def _run_bench(settings: BenchSettings, progress: Optional[Callable[[str], None]
                     median_ms=1000.0 * statistics.median(times[v]),
                     min_ms=1000.0 * min(times[v]),
                     ratio=statistics.median(t / r for t, r in zip(times[v], ref)),
+                    vs_mhc=statistics.median(t / m for t, m in zip(times[v], times["mhc"])),
                     peak_mb=peak,
                     saved_mb=saved,
                     params=sum(p.numel() for p in models[v].parameters()),
@@ -441,11 +446,11 @@ def render_table(rows: list[BenchRow], settings: BenchSettings) -> Table:
         f"batch {settings.batch} x {settings.seq_len}, {env['device']}, "
         f"{env['threads']} threads, torch {env['torch']}",
         caption=f"median of {settings.steps} interleaved repetitions after {settings.warmup} "
-        "warm-up steps; ratio = median per-repetition ratio to residual; peak = step peak "
+        "warm-up steps; ratios = median per-repetition ratio to residual's (mHC's) step; peak = step peak "
         "above resident memory; saved = tensors saved for backward"
         + ("; compile s = the first, compiling step (not in the times)" if settings.compile else ""),
     )
-    columns = ["d_model", "variant", "median ms", "min ms", "x residual", "peak MiB", "saved MiB", "params"]
+    columns = ["d_model", "variant", "median ms", "min ms", "x residual", "x mHC", "peak MiB", "saved MiB", "params"]
     if settings.compile:
         columns.append("compile s")
     for name in columns:
@@ -457,6 +462,7 @@ def render_table(rows: list[BenchRow], settings: BenchSettings) -> Table:
             f"{r.median_ms:.1f}",
             f"{r.min_ms:.1f}",
             f"{r.ratio:.3f}",
+            f"{r.vs_mhc:.3f}",
             "n/a" if r.peak_mb is None else f"{r.peak_mb:.1f}",
             f"{r.saved_mb:.1f}",
             f"{r.params:,}",

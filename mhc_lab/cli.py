@@ -487,6 +487,9 @@ def bench(
     threads: Annotated[
         Optional[int], typer.Option(help="torch CPU threads (default: torch's own choice).", show_default=False)
     ] = None,
+    exact: Annotated[
+        bool, typer.Option("--exact/--no-exact", help="Add rows for the exact mHC variants (mhc_lite, kromhc, ortho).")
+    ] = True,
     peer: Annotated[
         bool, typer.Option("--peer/--no-peer", help="Add rows for the hyper-connections package if installed.")
     ] = True,
@@ -511,7 +514,7 @@ def bench(
         settings = BenchSettings.from_preset(
             preset, d_models=list(d_model) if d_model else None, depth=depth, n_streams=n_streams,
             seq_len=seq_len, batch=batch, steps=steps, warmup=warmup, sinkhorn_iters=sinkhorn_iters,
-            peer=peer, device=device, threads=threads, compile=compile_,
+            peer=peer, exact=exact, device=device, threads=threads, compile=compile_,
         )
     except MhcLabError as exc:
         fail(exc)

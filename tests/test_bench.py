@@ -14,6 +14,7 @@ from mhc_lab.cli import app
 from mhc_lab.errors import MhcLabError
 
 TINY = dict(d_models=[16], depth=1, n_streams=2, seq_len=8, batch=2, steps=2, warmup=1, sinkhorn_iters=3)
+OWN = ["residual", "hc", "mhc", "mhc_lite", "kromhc", "ortho"]  # every connection, the exact variants too
 
 
 def _check_rows(rows: list[BenchRow], variants: list[str]) -> None:
@@ -24,7 +25,8 @@ def _check_rows(rows: list[BenchRow], variants: list[str]) -> None:
         assert r.ratio > 0 and r.saved_mb > 0 and r.params > 0
         assert r.peak_mb is None or r.peak_mb == r.peak_mb  # a number, not NaN
     by_name = {r.variant: r for r in rows}
-    assert by_name["residual"].ratio == 1.0
+    assert by_name["residual"].ratio == 1.0 and by_name["mhc"].vs_mhc == 1.0
+    assert all(r.vs_mhc > 0 for r in rows)
     # More streams, more parameters and more saved activations than the plain residual.
     assert by_name["mhc"].params > by_name["hc"].params > by_name["residual"].params
     assert by_name["mhc"].saved_mb > by_name["residual"].saved_mb
@@ -33,17 +35,18 @@ def _check_rows(rows: list[BenchRow], variants: list[str]) -> None:
 def test_rows_and_json_are_well_formed():
     settings = BenchSettings(**TINY, peer=False, threads=1)
     rows = run_bench(settings)
-    _check_rows(rows, ["residual", "hc", "mhc"])
+    _check_rows(rows, OWN)
     doc = json.loads(to_json(rows, settings))
     assert doc["environment"]["settings"]["d_models"] == [16]
     assert doc["environment"]["threads"] == 1
-    assert [r["variant"] for r in doc["rows"]] == ["residual", "hc", "mhc"]
+    assert [r["variant"] for r in doc["rows"]] == OWN
     assert set(doc["rows"][0]) == {
-        "variant", "d_model", "median_ms", "min_ms", "ratio", "peak_mb", "saved_mb", "params", "compile_s"
+        "variant", "d_model", "median_ms", "min_ms", "ratio", "vs_mhc", "peak_mb", "saved_mb", "params", "compile_s"
     }
     assert all(r["compile_s"] is None for r in doc["rows"])  # eager by default
     table = render_table(rows, settings)
-    assert table.row_count == 3
+    assert table.row_count == len(OWN)
+    assert [r.variant for r in run_bench(BenchSettings(**TINY, peer=False, exact=False, threads=1))] == OWN[:3]
     # which path was timed: the fused CPU kernels when they built (CI has a compiler)
     assert doc["environment"]["native_kernels"] == (native.library() is not None)
     assert ("native kernels" if native.library() is not None else "torch ops only") in str(table.title)
@@ -51,7 +54,7 @@ def test_rows_and_json_are_well_formed():
 
 @pytest.mark.skipif(not peer_available(), reason="hyper-connections (the `peer` extra) not installed")
 def test_peer_rows_when_installed():
-    rows = run_bench(BenchSettings(**TINY, peer=True, threads=1))
+    rows = run_bench(BenchSettings(**TINY, peer=True, exact=False, threads=1))
     assert [r.variant for r in rows] == ["residual", "hc", "mhc", "peer-hc", "peer-mhc"]
 
 
@@ -95,7 +98,7 @@ def test_compile_wraps_every_variant_and_times_the_first_step_apart(monkeypatch)
     compiled = _fake_compile(monkeypatch)
     settings = BenchSettings(**TINY, peer=peer_available(), threads=1, compile=True)
     rows = run_bench(settings)
-    variants = ["residual", "hc", "mhc", *(["peer-hc", "peer-mhc"] if peer_available() else [])]
+    variants = [*OWN, *(["peer-hc", "peer-mhc"] if peer_available() else [])]
     _check_rows(rows, variants)
     assert len(compiled) == len(variants)  # the residual too: the ratios compare like with like
     assert all(c.calls >= 1 + TINY["steps"] for c in compiled)  # the timed steps run the compiled one
@@ -112,7 +115,7 @@ def test_cli_bench_compile_flag(monkeypatch):
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["environment"]["settings"]["compile"] is True
-    assert len(compiled) == 3 and all(r["compile_s"] > 0 for r in doc["rows"])
+    assert len(compiled) == len(OWN) and all(r["compile_s"] > 0 for r in doc["rows"])
 
 
 def test_cli_bench_json_and_table():
@@ -122,10 +125,10 @@ def test_cli_bench_json_and_table():
     result = runner.invoke(app, [*args, "--json"])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
-    assert [r["variant"] for r in doc["rows"]] == ["residual", "hc", "mhc"]
-    table = runner.invoke(app, args)
+    assert [r["variant"] for r in doc["rows"]] == OWN
+    table = runner.invoke(app, [*args, "--no-exact"])
     assert table.exit_code == 0, table.output
-    assert "x residual" in table.stdout and "mhc" in table.stdout
+    assert "x residual" in table.stdout and "x mHC" in table.stdout and "kromhc" not in table.stdout
     bad = runner.invoke(app, ["bench", "--d-model", "18", "--no-peer"])
     assert bad.exit_code == 2 and "--d-model 18" in bad.output
 
