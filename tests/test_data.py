@@ -77,3 +77,17 @@ def test_committed_runs_keep_their_ids(config: Path):
     its experiment finds it done."""
     cfg = RunConfig.model_validate(yaml.safe_load(config.read_text()))
     assert make_run_id(cfg) == config.parent.name
+
+
+def test_hashed_split_does_not_move_with_max_bytes(tmp_path):
+    """Files are named relative to the folder of all the corpus's files, so reading fewer bytes
+    (a smaller max_bytes) holds out the same files, never moving one between the splits."""
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        for i in range(40):
+            (tmp_path / sub / f"f{i:02d}.txt").write_bytes(bytes([65 + i % 26]) * 2_000 + f"{sub}{i}".encode())
+    small = load_corpus(DataConfig(path=str(tmp_path), max_bytes=60_000, val_split="hashed"))
+    large = load_corpus(DataConfig(path=str(tmp_path), max_bytes=1_000_000, val_split="hashed"))
+    small_val, large_val = bytes(small.val.tolist()), bytes(large.val.tolist())
+    assert large_val.startswith(small_val[: len(small_val) - 2_100])  # same held-out files, in order
+    assert small.n_files == large.n_files == 80  # the files the source names

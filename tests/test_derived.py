@@ -96,3 +96,24 @@ def test_hashed_split_and_long_runs_in_resolved_experiment(tmp_path_factory):
     assert all(c.model.depth == 24 and c.model.d_model == 64 and c.train.lr == 1e-2 for c in cfgs)
     assert all(c.train.grad_clip is None for c in cfgs)
     assert yaml.safe_load(exp.text)["name"] == "growth"
+
+
+def test_only_series_settings_leave_the_axes(tmp_path):
+    """sinkhorn_iters 20 (mhc) and 200 (mhc_tol) only tell series apart: no facet axis. A
+    learning rate that differs only between connections stays an axis, so HC at 1e-2 and mHC
+    at 3e-2 are never called runs at the same settings."""
+    from mhc_lab.analysis.view import ExperimentView, _follows_series
+
+    def run(conn, **config):
+        files = RunFiles(tmp_path / conn)
+        return RunView(files, {"run_id": conn, "connection": conn.split("-")[0], "status": "completed"},
+                       {"model.connection": conn.split("-")[0], **config})
+
+    tol = [run("mhc", **{"model.sinkhorn_iters": 20}),
+           run("mhc-tol", **{"model.sinkhorn_iters": 200, "model.sinkhorn_tol": 1e-6})]
+    assert tol[1].connection == "mhc_tol"
+    assert _follows_series(tol, "model.sinkhorn_iters")
+    lrs = [run("hc", **{"train.lr": 0.01}), run("mhc", **{"train.lr": 0.03})]
+    assert not _follows_series(lrs, "train.lr")
+    view = ExperimentView(store=None, runs=lrs)
+    assert view.axes == {"train.lr": [0.01, 0.03]}

@@ -275,3 +275,24 @@ def test_a_short_variants_run_keeps_the_bound_exactly(tmp_path):
         assert moved > 1e-4, summary["run_id"]
         assert max(probes[-1]["hres"]["col_sum_err"]) < 1e-5
         assert math.isfinite(summary["final_gain_bwd"])
+
+
+def test_a_subclass_with_its_own_h_res_never_takes_the_fused_sinkhorn_path():
+    """The fused native path computes Sinkhorn-Knopp itself: a subclass that builds H_res
+    otherwise must not take it (on CPU it would silently compute mHC's H_res instead)."""
+
+    class RowSoftmax(ManifoldHyperConnection):
+        def residual_matrix(self, logits):
+            return torch.softmax(logits.unflatten(-1, (self.n, self.n)), dim=-1)
+
+    conn = RowSoftmax(8, 4, 0)
+    assert not conn.fused_sinkhorn
+    assert ManifoldHyperConnection(8, 4, 0).fused_sinkhorn
+    assert not ManifoldHyperConnection(8, 4, 0, sinkhorn_tol=1e-6).fused_sinkhorn
+    with torch.no_grad():
+        conn.bias_res.normal_(0.0, 2.0)
+        x = torch.randn(1, 5, 4, 8)
+        _, h = conn(x, lambda z: torch.zeros_like(z))
+        expected = conn.coefficients(x)[2]
+    assert torch.allclose(h, expected, atol=1e-6)
+    assert (h.sum(-2) - 1).abs().max() > 1e-2  # row-stochastic only: not what Sinkhorn gives

@@ -24,6 +24,7 @@ from rich.table import Table
 from .. import __version__
 from .plots import PlotResult, caption, figure_title, plot_experiment
 from .plots.style import NAMES, PAPER_GAIN, fmt_number, is_pair, representative_runs
+from ..probe.constraint import FAILED_LAYER
 from .derived import bound_breaker_rows, growth_rows, last_gain, schedule_phase
 from .view import DEAD_STEPS, SPIKE_FACTOR, ExperimentView, RunView, axis_name, describe, short_name
 from ..store import StoreError, as_float, atomic_write_text, unwritable
@@ -359,13 +360,18 @@ def _mhc_sentences(view: ExperimentView, run: RunView) -> list[str]:
         first = f"{NAMES[run.connection]} exceeded the paper's ≈ 1.6: {fmt_number(gain)} ({_where(run)}). {construction}"
         found = next((row for row in bound_breaker_rows(view) if row.run is run), None)
         if found is not None and found.breakers.layers:
-            layers = ", ".join(f"{k} ({fmt_number(g)})" for k, g in
-                               zip(found.breakers.layers, found.breakers.single_gains))
-            first += (f" The saved peak H_res puts the cause in single layers: layer(s) {layers} have a "
-                      "column summing to about that much (backward gain of one layer, worst token), where "
-                      "t_max iterations did not balance near-permutation logits; with them replaced by the "
-                      f"identity the composite is {fmt_number(found.breakers.after)} (table \"Which layers "
-                      "break the bound\").")
+            pairs = list(zip(found.breakers.layers, found.breakers.single_gains))
+            failed = [f"{k} ({fmt_number(g)})" for k, g in pairs if g > FAILED_LAYER]
+            others = [f"{k} ({fmt_number(g)})" for k, g in pairs if g <= FAILED_LAYER]
+            if failed:
+                first += (f" The saved peak H_res puts the cause in single layers: layer(s) {', '.join(failed)} "
+                          "have a column summing to about that much for their worst token (a single layer's "
+                          "backward gain), where t_max iterations did not balance near-permutation logits.")
+            if others:
+                first += (f" {'Further' if failed else 'The largest'} single-layer backward gains: layer(s) "
+                          f"{', '.join(others)}.")
+            first += (f" With these layers replaced by the identity the composite is "
+                      f"{fmt_number(found.breakers.after)} (table \"Which layers break the bound\").")
     moved = _mhc_movement(view, run.connection)
     if moved is None:
         return [first]

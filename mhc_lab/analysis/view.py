@@ -29,6 +29,7 @@ from ..store import (
 
 CONNECTION = "model.connection"
 TOLERANCE = "model.sinkhorn_tol"
+SERIES_KEYS = {"model.sinkhorn_iters", TOLERANCE}  # settings that can define a series (mhc_tol)
 # The series runs are drawn in: the connections, with mHC to a tolerance its own series.
 SERIES: tuple[str, ...] = (*CONNECTIONS[:3], "mhc_tol", *CONNECTIONS[3:])
 SEED = "seed"
@@ -358,9 +359,13 @@ def group_runs(runs: Iterable[RunView], keys: list[str]) -> dict[tuple, list[Run
 
 
 def _follows_series(runs: list[RunView], key: str) -> bool:
-    """Whether a setting only tells the series apart (one value per series, more than one
-    series): e.g. sinkhorn_iters 20 for mhc and 200 for mhc_tol. Such a key is no axis: the
-    series already draws it apart. A setting that varies within a series is an axis."""
+    """Whether a setting that defines a series (SERIES_KEYS: mHC's Sinkhorn settings, which
+    tell `mhc` and `mhc_tol` apart) only tells the series apart: one value per series, more
+    than one series, e.g. sinkhorn_iters 20 for mhc and 200 for mhc_tol. Such a key is no axis:
+    the series already draws it apart. Any other key (lr, depth, ...) stays an axis even where
+    it happens to differ only between connections, so figures never call such runs alike."""
+    if key not in SERIES_KEYS:
+        return False
     per_series: dict[str, set] = {}
     for run in runs:
         value = run.setting(key)
@@ -421,5 +426,6 @@ def _run_config(files: RunFiles, summary: dict) -> dict[str, Any]:
         return flatten(data)
     columns = {"connection": CONNECTION, "depth": DEPTH, "d_model": "model.d_model",
                "n_streams": "model.n_streams", "sinkhorn_iters": "model.sinkhorn_iters",
+               "sinkhorn_tol": TOLERANCE,
                "lr": "train.lr", "seed": SEED}
     return {key: summary[col] for col, key in columns.items() if summary.get(col) is not None}

@@ -193,8 +193,6 @@ class ManifoldHyperConnection(nn.Module):
         self.n = n
         self.sinkhorn_iters = sinkhorn_iters
         self.sinkhorn_tol = sinkhorn_tol
-        if sinkhorn_tol is not None:  # the fused kernel runs a fixed t_max
-            self.fused_sinkhorn = False
         self.eps = eps
         self.norm_weight = nn.Parameter(torch.ones(n * d_model))  # RMSNorm weight over nC
         self.dynamic_phi = nn.Parameter(torch.zeros(n * d_model, 2 * n + self.res_logits))
@@ -209,10 +207,16 @@ class ManifoldHyperConnection(nn.Module):
 
     # -- how H_res is built from its per-token logits: the part the mHC variants replace --------
 
-    # Whether `forward` may take the fused native path (`fused.MhcRead`, or `ops.mhc_read` under
-    # torch.compile), which builds H_res by Sinkhorn-Knopp itself and folds phi and the biases
-    # as `_folded` does; a variant with another construction sets this to False.
-    fused_sinkhorn = True
+    @property
+    def fused_sinkhorn(self) -> bool:
+        """Whether `forward` may take the fused native path (`fused.MhcRead`, or `ops.mhc_read`
+        under torch.compile), which builds H_res by t_max Sinkhorn-Knopp iterations itself and
+        folds phi and the biases as `_folded` does: only where that is this connection's H_res,
+        i.e. `residual_matrix` and `_folded` are not overridden and no tolerance is set. A
+        subclass with its own construction therefore never takes it, on any device."""
+        cls = type(self)
+        return (cls.residual_matrix is ManifoldHyperConnection.residual_matrix
+                and cls._folded is ManifoldHyperConnection._folded and self.sinkhorn_tol is None)
 
     @property
     def res_logits(self) -> int:

@@ -50,10 +50,9 @@ import math
 
 import torch
 
+from ..experiment.config import MAX_LITE_STREAMS  # mhc_lite: n! logits per token
 from .connections import ManifoldHyperConnection
 
-# Largest expansion rate each construction accepts (mhc_lite: n! logits per token).
-MAX_LITE_STREAMS = 6
 
 
 def initial_diagonal(init_logit: float, n: int) -> float:
@@ -64,7 +63,6 @@ def initial_diagonal(init_logit: float, n: int) -> float:
 class MhcLiteConnection(ManifoldHyperConnection):
     """mHC-lite: H_res = sum over the n! permutations P_k of softmax(l)_k P_k (exact)."""
 
-    fused_sinkhorn = False
 
     def __init__(self, d_model: int, n_streams: int, layer_index: int, init_logit: float = 2.0,
                  eps: float = 1e-6) -> None:
@@ -103,7 +101,6 @@ class MhcLiteConnection(ManifoldHyperConnection):
 class KromhcConnection(ManifoldHyperConnection):
     """KromHC: H_res = kron of K = log2(n) factors [[a, 1 - a], [1 - a, a]], a = sigmoid(l)."""
 
-    fused_sinkhorn = False
 
     def __init__(self, d_model: int, n_streams: int, layer_index: int, init_logit: float = 2.0,
                  eps: float = 1e-6) -> None:
@@ -163,7 +160,6 @@ def cayley_orthostochastic(a: torch.Tensor) -> torch.Tensor:
 class OrthostochasticConnection(ManifoldHyperConnection):
     """H_res = Q * Q, Q the Cayley transform of the skew-symmetric matrix of the logits."""
 
-    fused_sinkhorn = False
 
     def __init__(self, d_model: int, n_streams: int, layer_index: int, init_logit: float = 2.0,
                  eps: float = 1e-6) -> None:

@@ -100,7 +100,8 @@ def _load(path: Optional[str], base_dir: Optional[str], max_bytes: int, val_frac
     if len(raw) < 10_000:
         raise ValueError(f"corpus has only {len(raw)} bytes; at least 10000 are needed")
     if val_split == "hashed":
-        held = [hashed_validation(name, val_fraction) for name in _names(files[: len(chunks)], root)]
+        # names relative to the folder of *all* the files, so that max_bytes cannot move them
+        held = [hashed_validation(name, val_fraction) for name in _names(files, root)][: len(chunks)]
         train_bytes = b"".join(c for c, h in zip(chunks, held) if not h)
         val_bytes = b"".join(c for c, h in zip(chunks, held) if h)
         if not val_bytes or not train_bytes:
@@ -119,7 +120,7 @@ def _load(path: Optional[str], base_dir: Optional[str], max_bytes: int, val_frac
         val=val,
         fingerprint=hashlib.sha256(raw).hexdigest(),
         description=description,
-        n_files=len(chunks),
+        n_files=len(files),
     )
 
 
