@@ -80,6 +80,10 @@ OVER_THE_BOUND = {
     "divergence-long/mhc-L60-C64-n4-s0-bb45ed82": (1.781, [2]),
     "divergence-native/mhc-L90-C64-n4-s1-86165309": (2.178, [8, 7]),
     "variants/mhc-L90-C64-n4-s1-86165309": (2.178, [8, 7]),  # the same run again (same code, same numbers)
+    "variants-expansion/mhc-L24-C64-n4-s1-d8ef10ca": (2.601, [1]),
+    "variants-expansion/mhc-L24-C64-n8-s0-42932027": (1.901, [8, 6]),
+    "variants-expansion/mhc-L24-C64-n8-s1-0fd14b6f": (2.018, [7]),
+    "variants-expansion/mhc-L24-C64-n8-s2-f9386239": (2.158, [15, 2]),
     "lr/mhc-L60-C64-n4-s1-ee1fbd8f": (2.074, [25, 33]),
     "lr/mhc-L60-C64-n4-s2-ed8fd059": (2.001, [53, 4]),
     "sinkhorn/mhc-L12-C32-n4-s0-b068a7ed": (1.962, None),  # t_max = 1
