@@ -10,6 +10,7 @@
     <out>/<name>/runs/<run_id>/summary.json  the run's row plus environment and details
     <out>/<name>/runs/<run_id>/checkpoint.pt while a run is unfinished (deleted at its end), with
                                              checkpoint.previous.pt, the one before it
+    <out>/<name>/runs/<run_id>/tb/, wandb/   live logging, when the `logging` section turns it on
     <out>/<name>/.locks/<run_id>.lock        held by the process training that run (`ls`: training)
     <out>/<name>/damaged/<run_id>.<time>/    runs that failed their integrity check, moved aside
     <out>/<name>/jobs.json                   submitit jobs: run_id -> job id, cluster, log folder
