@@ -22,10 +22,10 @@ COMMITTED = ("depth", "divergence", "divergence-long", "divergence-native", "div
 RUNS = sorted(p.parent for name in COMMITTED for p in (RESULTS / name).glob("runs/*/hres.npz"))
 
 
-def composite_gains(hres: np.ndarray) -> tuple[float, float, int]:
+def composite_gains(hres: np.ndarray) -> tuple[float, float, list[float]]:
     """Largest token-mean Amax gain over l of P_l = H_l...H_0 (rows, forward) and of
-    S_l = H_(L-1)...H_l (columns, backward), from H_res of shape (L, T, n, n); and the layer of
-    the larger of the two."""
+    S_l = H_(L-1)...H_l (columns, backward), from H_res of shape (L, T, n, n); and the per-layer
+    gains of the larger of the two."""
     h = hres.astype(np.float64)
     forward = np.broadcast_to(np.eye(h.shape[-1]), h.shape[1:])
     fwd = []
@@ -38,7 +38,7 @@ def composite_gains(hres: np.ndarray) -> tuple[float, float, int]:
         backward = backward @ h[layer]
         bwd[layer] = float(np.abs(backward.sum(-2)).max(-1).mean())
     per_layer = fwd if max(fwd) >= max(bwd) else bwd
-    return max(fwd), max(bwd), int(np.argmax(per_layer))
+    return max(fwd), max(bwd), per_layer
 
 
 def test_every_committed_folder_has_its_runs():
@@ -50,7 +50,7 @@ def test_every_committed_folder_has_its_runs():
 def test_peak_gain_follows_from_the_saved_matrices(run: Path):
     summary = json.loads((run / "summary.json").read_text())
     with np.load(run / "hres.npz") as saved:
-        fwd, bwd, layer = composite_gains(saved["peak"])
+        fwd, bwd, per_layer = composite_gains(saved["peak"])
         assert int(saved["peak_step"]) == summary["max_gain_step"]
     probes = [json.loads(line) for line in (run / "probes.jsonl").read_text().splitlines()]
     at_peak = next(p["headline"] for p in probes if p["step"] == summary["max_gain_step"])
@@ -58,7 +58,11 @@ def test_peak_gain_follows_from_the_saved_matrices(run: Path):
     # the run's peak and its layer.
     assert (fwd, bwd) == pytest.approx((at_peak["max_gain_fwd"], at_peak["max_gain_bwd"]), rel=1e-6)
     assert max(fwd, bwd) == pytest.approx(max(summary["max_gain_fwd"], summary["max_gain_bwd"]), rel=1e-6)
-    assert layer == summary["max_gain_layer"]
+    # The summary's layer holds the peak. Where every layer's gain is 1 up to rounding (the exact
+    # variants) several layers tie, and which of them the float32 run picked is not pinned.
+    assert per_layer[summary["max_gain_layer"]] == pytest.approx(max(per_layer), rel=1e-6)
+    if max(per_layer) > 1.001:
+        assert int(np.argmax(per_layer)) == summary["max_gain_layer"]
     first = probes[0]
     assert first["step"] == 0
     if summary["connection"] == "hc":
@@ -116,14 +120,18 @@ def test_committed_mhc_runs_above_the_paper_bound_are_the_listed_ones():
 
 
 @pytest.mark.parametrize("name", COMMITTED)
-def test_committed_results_are_not_checkable_but_not_damaged(name):
-    """Written before runs recorded their files (issue #17): `mhc-lab check` says they have no
-    record, checks that their files parse, and finds nothing damaged."""
+def test_committed_results_check_out(name):
+    """`mhc-lab check` finds nothing damaged in any committed folder: runs trained since issue
+    #17 carry an integrity record and check as fine; older ones have none, and check that their
+    files parse."""
     from .helpers import cli
 
+    summaries = [json.loads(p.read_text()) for p in (RESULTS / name).glob("runs/*/summary.json")]
+    recorded = sum("integrity" in s for s in summaries)
     result = cli("check", RESULTS / name)
     assert result.exit_code == 0, result.output
-    assert "without an integrity record" in result.output and ", 0 damaged" in result.output
+    assert (f"checked {len(summaries)} finished runs: {recorded} fine, {len(summaries) - recorded} without a "
+            "record (files parse), 0 damaged") in result.output
 
 
 def test_variants_targets_from_the_saved_matrices():

@@ -7,7 +7,7 @@ its sha256, under `integrity` in summary.json. `check_run` compares the files wi
 a truncated metrics.jsonl shows as fewer lines than recorded, a file changed in place as
 another sha256. summary.json itself is checked by parsing it (it cannot hold its own hash).
 
-Runs written before mhc-lab recorded this (no `integrity` key, e.g. the committed results)
+Runs written before mhc-lab recorded this (no `integrity` key, e.g. most committed results)
 cannot be checked that way: for them `check_run` only verifies that every file parses, and
 calls them `unchecked`, never damaged for lacking a record. Damaged runs are moved aside to
 `<experiment>/damaged/`, never deleted (`move_aside`), and `run` then trains them again.
