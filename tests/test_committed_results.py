@@ -17,8 +17,9 @@ import pytest
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 # The folders committed to the repository (.gitignore lists the same); scratch results that a
 # user's `mhc-lab run` leaves under results/ are not checked.
-COMMITTED = ("depth", "divergence", "divergence-long", "divergence-native", "divergence-seeds", "expansion", "growth",
-             "lr", "scale", "sinkhorn", "variants", "variants-expansion", "depth-width", "val-split")
+COMMITTED = ("depth", "divergence", "divergence-long", "divergence-native", "divergence-draw3", "divergence-seeds",
+             "expansion", "growth", "lr", "scale", "sinkhorn", "variants", "variants-expansion", "depth-width",
+             "val-split")
 RUNS = sorted(p.parent for name in COMMITTED for p in (RESULTS / name).glob("runs/*/hres.npz"))
 
 
@@ -83,6 +84,8 @@ def test_peak_gain_follows_from_the_saved_matrices(run: Path):
 OVER_THE_BOUND = {
     "divergence-long/mhc-L60-C64-n4-s0-bb45ed82": (1.781, [2]),
     "divergence-native/mhc-L90-C64-n4-s1-86165309": (2.178, [8, 7]),
+    "divergence-draw3/mhc-L90-C64-n4-s0-100b1ea0": (1.700, [29, 46, 61, 54]),
+    "divergence-draw3/mhc-L90-C64-n4-s2-9dbba72d": (3.743, [1, 2, 4, 5, 9]),
     "variants/mhc-L90-C64-n4-s1-86165309": (2.178, [8, 7]),  # the same run again (same code, same numbers)
     "variants-expansion/mhc-L24-C64-n4-s1-d8ef10ca": (2.601, [1]),
     "variants-expansion/mhc-L24-C64-n8-s0-42932027": (1.901, [8, 6]),
@@ -97,7 +100,7 @@ OVER_THE_BOUND = {
 
 def test_committed_mhc_runs_above_the_paper_bound_are_the_listed_ones():
     """Reports, rather than hides, which committed mHC runs exceed 1.6 (t_max = 0, the
-    unconstrained ablation, aside), and that one or two layers cause each violation at
+    unconstrained ablation, aside), and that a few layers (one to five) cause each violation at
     t_max = 20."""
     from mhc_lab.probe.constraint import bound_breakers
 
