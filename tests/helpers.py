@@ -65,3 +65,27 @@ def run_contents(run_dir: Path) -> dict:
     with np.load(run_dir / "hres.npz") as z:
         out["hres"] = {k: z[k].tolist() for k in z.files}
     return out
+
+
+class InterruptAt:
+    """A sweep reporter that raises KeyboardInterrupt (as Ctrl-C would) when a run reaches
+    training step `step`: any run, or only the one with `run_id`, or only the `run_index`-th
+    run started (0-based)."""
+
+    def __init__(self, step: int, run_id: str | None = None, run_index: int | None = None) -> None:
+        self.step, self.run_id, self.run_index, self.current = step, run_id, run_index, -1
+
+    def sweep_started(self, runs, done): ...
+
+    def run_started(self, run, index):
+        self.current = index
+
+    def run_event(self, run, event):
+        if self.run_id is not None and run.run_id != self.run_id:
+            return
+        if self.run_index is not None and self.current != self.run_index:
+            return
+        if event["event"] == "step" and event["step"] == self.step:
+            raise KeyboardInterrupt
+
+    def run_finished(self, run, summary): ...

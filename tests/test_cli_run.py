@@ -12,7 +12,7 @@ import pytest
 from mhc_lab import launch
 from mhc_lab.store import ExperimentStore, SUMMARY_COLUMNS, exclusive_lock
 
-from .helpers import cli, run_contents, write_experiment
+from .helpers import InterruptAt, cli, run_contents, write_experiment
 
 
 def _summary_rows(folder: Path) -> list[dict]:
@@ -82,21 +82,6 @@ def test_same_config_and_seed_give_the_same_numbers(tmp_path):
     assert run_contents(run_c)["metrics"] != run_contents(run_a)["metrics"]
 
 
-class _InterruptAt:
-    """A reporter that raises KeyboardInterrupt (as Ctrl-C would) at a given run and step."""
-
-    def __init__(self, run_index: int, step: int) -> None:
-        self.run_index, self.step, self.current = run_index, step, -1
-
-    def sweep_started(self, runs, done): ...
-    def run_started(self, run, index):
-        self.current = index
-    def run_event(self, run, event):
-        if self.current == self.run_index and event["event"] == "step" and event["step"] == self.step:
-            raise KeyboardInterrupt
-    def run_finished(self, run, summary): ...
-
-
 @pytest.mark.parametrize("interrupt_step", [3, 4])
 def test_interrupted_sweep_resumes_to_identical_results(tmp_path, interrupt_step):
     overrides = {"train": {"steps": 8}, "sweep": {"grid": {"model.connection": ["residual", "mhc"]}}}
@@ -108,7 +93,7 @@ def test_interrupted_sweep_resumes_to_identical_results(tmp_path, interrupt_step
     loaded = load_experiment(exp)
     with pytest.raises(KeyboardInterrupt):
         with launch.open_store(loaded, tmp_path / "cut") as store:
-            launch.run_sweep(loaded, store, _InterruptAt(run_index=1, step=interrupt_step))
+            launch.run_sweep(loaded, store, InterruptAt(interrupt_step, run_index=1))
     cut = tmp_path / "cut" / "tiny"
     partial = cut / "runs" / loaded.runs[1].run_id
     assert (partial / "checkpoint.pt").exists() and not (partial / "summary.json").exists()

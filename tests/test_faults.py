@@ -30,7 +30,7 @@ import torch
 from mhc_lab import launch
 from mhc_lab.experiment.loader import load_experiment
 
-from .helpers import cli, run_contents, write_experiment
+from .helpers import InterruptAt, cli, run_contents, write_experiment
 from .results_fixtures import reseal
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,20 +183,6 @@ def test_damaged_experiment_files_are_one_line(tmp_path, finished, name, content
 # -- checkpoints: damaged, or carrying code ------------------------------------------------
 
 
-class _InterruptAt:
-    """A reporter that raises KeyboardInterrupt (as Ctrl-C would) at a step; collects notes."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def sweep_started(self, runs, done): ...
-    def run_started(self, run, index): ...
-    def run_event(self, run, event):
-        if event["event"] == "step" and event["step"] == self.step:
-            raise KeyboardInterrupt
-    def run_finished(self, run, summary): ...
-
-
 class _Opens:
     """Unpickling it opens (creates) a file: what a crafted checkpoint or array could do."""
 
@@ -223,7 +209,7 @@ def interrupted_hc(tmp_path: Path) -> tuple[Path, Path]:
     loaded = load_experiment(exp)
     with pytest.raises(KeyboardInterrupt):
         with launch.open_store(loaded, tmp_path / "out") as store:
-            launch.run_sweep(loaded, store, _InterruptAt(5))
+            launch.run_sweep(loaded, store, InterruptAt(5))
     run = tmp_path / "out" / "tiny" / "runs" / loaded.runs[0].run_id
     assert (run / "checkpoint.pt").exists() and (run / "checkpoint.previous.pt").exists()
     return exp, run

@@ -21,7 +21,7 @@ from mhc_lab.experiment.loader import dump_resolved, load_experiment
 from mhc_lab.training import runner
 from mhc_lab.training.loggers import LoggerSet, MetricLogger
 
-from .helpers import cli, run_contents, write_experiment
+from .helpers import InterruptAt, cli, run_contents, write_experiment
 
 needs_wandb = pytest.mark.skipif(importlib.util.find_spec("wandb") is None,
                                  reason='wandb not installed (pip install -e ".[wandb]")')
@@ -167,20 +167,6 @@ def test_tensorboard_event_files_under_each_run_with_two_workers(tmp_path):
 # -- resume ----------------------------------------------------------------------------------
 
 
-class _InterruptAt:
-    """A reporter that raises KeyboardInterrupt (as Ctrl-C would) after a given step."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def sweep_started(self, runs, done): ...
-    def run_started(self, run, index): ...
-    def run_event(self, run, event):
-        if event["event"] == "step" and event["step"] == self.step:
-            raise KeyboardInterrupt
-    def run_finished(self, run, summary): ...
-
-
 def _interrupt_then_resume(tmp_path: Path, logging: dict) -> Path:
     """One HC run (8 steps) interrupted after step 5 (its checkpoint is at step 4, so steps 4
     and 5 are trained twice), then resumed through the CLI; returns the run's folder."""
@@ -189,7 +175,7 @@ def _interrupt_then_resume(tmp_path: Path, logging: dict) -> Path:
     loaded = load_experiment(exp)
     with pytest.raises(KeyboardInterrupt):
         with launch.open_store(loaded, tmp_path / "out") as store:
-            launch.run_sweep(loaded, store, _InterruptAt(5))
+            launch.run_sweep(loaded, store, InterruptAt(5))
     run_dir = tmp_path / "out" / "tiny" / "runs" / loaded.runs[0].run_id
     assert (run_dir / "checkpoint.pt").exists() and not (run_dir / "summary.json").exists()
     resumed = cli("run", exp, "--out", tmp_path / "out")

@@ -19,7 +19,7 @@ import pytest
 from mhc_lab import launch
 from mhc_lab.experiment.loader import dump_resolved, load_experiment
 
-from .helpers import TIMING_KEYS, cli, run_contents, write_experiment
+from .helpers import TIMING_KEYS, InterruptAt, cli, run_contents, write_experiment
 
 # Two runs, 6 steps, a global batch of 4 (splits over 2 ranks), and a 30 KB corpus file: each
 # new process skips the scan of the standard library (its startup is most of these tests' time).
@@ -90,26 +90,12 @@ def test_without_fixed_threads_workers_agree_to_float_rounding(tmp_path):
             assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-5), (a["run_id"], key)
 
 
-class _InterruptAt:
-    """Raises KeyboardInterrupt (as Ctrl-C would) when the given run reaches the given step."""
-
-    def __init__(self, run_id: str, step: int) -> None:
-        self.run_id, self.step = run_id, step
-
-    def sweep_started(self, runs, done): ...
-    def run_started(self, run, index): ...
-    def run_event(self, run, event):
-        if run.run_id == self.run_id and event["event"] == "step" and event["step"] == self.step:
-            raise KeyboardInterrupt
-    def run_finished(self, run, summary): ...
-
-
 def test_an_interrupted_parallel_sweep_resumes_to_the_same_results(tmp_path, reference):
     exp = two_run_experiment(tmp_path)
     loaded = load_experiment(exp)
     with pytest.raises(KeyboardInterrupt):
         with launch.open_store(loaded, tmp_path / "cut") as store:
-            launch.run_sweep(loaded, store, _InterruptAt(loaded.runs[1].run_id, 5), workers=2)
+            launch.run_sweep(loaded, store, InterruptAt(5, run_id=loaded.runs[1].run_id), workers=2)
     cut = tmp_path / "cut" / "tiny" / "runs" / loaded.runs[1].run_id
     assert not (cut / "summary.json").exists()  # stopped mid-run, its checkpoint kept
     resumed = cli("run", exp, "--out", tmp_path / "cut", "--workers", "2")
@@ -245,7 +231,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path, reference):
     hc, mhc = loaded.runs
     with pytest.raises(KeyboardInterrupt):
         with launch.open_store(loaded, tmp_path / "ddp") as store:
-            launch.run_sweep(loaded, store, _InterruptAt(mhc.run_id, 3), only={mhc.run_id})
+            launch.run_sweep(loaded, store, InterruptAt(3, run_id=mhc.run_id), only={mhc.run_id})
     assert (tmp_path / "ddp" / "tiny" / "runs" / mhc.run_id / "checkpoint.pt").exists()
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
