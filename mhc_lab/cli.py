@@ -359,6 +359,15 @@ COMPARE_HELP = " Several folders are compared, into --out."
 OUT_NEEDED = "comparing several folders needs --out DIR: where the comparison goes (no folder is its home)"
 
 
+def _open_comparison(results: list[Path], out: Optional[Path]):
+    """The folders of `plot`/`report` with several RESULTS, once --out is known to be given."""
+    from .analysis.compare import open_comparison
+
+    if out is None:
+        raise MhcLabError(OUT_NEEDED)
+    return open_comparison(results)
+
+
 @app.command()
 def plot(
     results: Annotated[
@@ -385,13 +394,10 @@ def plot(
     Example: mhc-lab plot results/divergence results/divergence-native --out comparison
     """
     if results and len(results) > 1:
-        from .analysis.compare import open_comparison
         from .analysis.plots.compare import plot_comparison
 
         with one_line_errors():
-            if out is None:
-                raise MhcLabError(OUT_NEEDED)
-            comp = open_comparison(results)
+            comp = _open_comparison(results, out)
             result = plot_comparison(comp.views, comp.labels, out, format_.value, on_event=_say)
         console.print(f"{len(result.written)} comparison figures written, {len(result.skipped)} skipped ({out})",
                       highlight=False, soft_wrap=True)
@@ -427,12 +433,10 @@ def report(
     Example: mhc-lab report results/divergence results/divergence-native --out comparison
     """
     if results and len(results) > 1:
-        from .analysis.compare import open_comparison, write_comparison_report
+        from .analysis.compare import write_comparison_report
 
         with one_line_errors():
-            if out is None:
-                raise MhcLabError(OUT_NEEDED)
-            comp = open_comparison(results)
+            comp = _open_comparison(results, out)
             written = write_comparison_report(comp, out)
         console.print(written.table.rich())
         for line in written.reading:

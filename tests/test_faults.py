@@ -10,7 +10,6 @@ sweep's processes by an environment variable in /proc).
 from __future__ import annotations
 
 import builtins
-import fcntl
 import io
 import json
 import os
@@ -29,6 +28,7 @@ import torch
 
 from mhc_lab import launch
 from mhc_lab.experiment.loader import load_experiment
+from mhc_lab.store import is_locked
 
 from .helpers import InterruptAt, cli, run_contents, write_experiment
 from .results_fixtures import reseal
@@ -440,16 +440,6 @@ def wait_for(path_glob: Path, pattern: str, proc: subprocess.Popen, log: Path, t
         time.sleep(0.02)
 
 
-def lock_is_free(path: Path) -> bool:
-    with open(path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        return True
-
-
 def wait_until_gone(tag: str, seconds: float, lock: Path | None = None) -> None:
     """Every process of the sweep ends within `seconds`; the folder lock is never free while
     one that can write under it lives (all but multiprocessing's resource tracker, which only
@@ -457,12 +447,12 @@ def wait_until_gone(tag: str, seconds: float, lock: Path | None = None) -> None:
     deadline = time.monotonic() + seconds
     while True:
         alive = sweep_processes(tag)
-        if lock is not None and lock.exists() and lock_is_free(lock):
+        if lock is not None and lock.exists() and not is_locked(lock):
             still = [p for p in sweep_processes(tag) if "resource_tracker" not in p]
             assert not still, f"the folder lock was free while these still ran: {still}"
         # A process that is exiting has already dropped its memory (its environment reads empty,
         # so it is no longer found) but not yet its files: the lock frees a moment later.
-        if not alive and (lock is None or not lock.exists() or lock_is_free(lock)):
+        if not alive and (lock is None or not is_locked(lock)):
             return
         assert time.monotonic() < deadline, f"still running {seconds} s after the kill: {alive or 'the lock holder'}"
         time.sleep(0.05)
