@@ -458,6 +458,14 @@ def wait_until_gone(tag: str, seconds: float, lock: Path | None = None) -> None:
         time.sleep(0.05)
 
 
+def wait_until_free(lock: Path, seconds: float) -> None:
+    """The folder lock is released within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while is_locked(lock):
+        assert time.monotonic() < deadline, f"{lock} still held {seconds} s after the kill"
+        time.sleep(0.05)
+
+
 CLI = [sys.executable, "-c", "from mhc_lab.cli import app; app()"]
 
 
@@ -490,7 +498,10 @@ def test_killing_torchrun_leaves_no_rank_and_the_run_resumes(tmp_path, long_refe
     wait_for(tmp_path / "out" / "tiny" / "runs", "*/checkpoint.pt", proc, tmp_path / "sweep.log")
     os.kill(proc.pid, signal.SIGKILL)  # torchrun's agent: the ranks must not train on without it
     proc.wait(timeout=60)
-    wait_until_gone(tag, seconds=10, lock=tmp_path / "out" / ".tiny.lock")
+    wait_until_gone(tag, seconds=10)
+    # Only rank 0 holds the lock, and the other rank may outlive it by a poll (it writes nothing),
+    # so the lock is awaited on its own: an exiting rank 0 is gone from /proc before its files.
+    wait_until_free(tmp_path / "out" / ".tiny.lock", seconds=10)
     run = tmp_path / "out" / "tiny" / "runs" / hc.run_id
     assert not (run / "summary.json").exists(), "a rank trained the run to its end after torchrun was killed"
     again = cli("run", exp, "--out", tmp_path / "out")
