@@ -6,6 +6,7 @@ resume the same way. Each test starts real processes, so the configs are the tin
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import csv
 import json
 import math
@@ -17,9 +18,12 @@ from pathlib import Path
 import pytest
 
 from mhc_lab import launch
+from mhc_lab.launch import workers
 from mhc_lab.experiment.loader import dump_resolved, load_experiment
 
 from .helpers import TIMING_KEYS, InterruptAt, cli, run_contents, write_experiment
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Two runs, 6 steps, a global batch of 4 (splits over 2 ranks), and a 30 KB corpus file: each
 # new process skips the scan of the standard library (its startup is most of these tests' time).
@@ -101,6 +105,51 @@ def test_an_interrupted_parallel_sweep_resumes_to_the_same_results(tmp_path, ref
     resumed = cli("run", exp, "--out", tmp_path / "cut", "--workers", "2")
     assert resumed.exit_code == 0, resumed.output
     assert_same_results(reference, tmp_path / "cut" / "tiny")
+
+
+def test_workers_start_the_longest_runs_first():
+    """The headline's 9 runs (grid order: residual, HC, mHC, each seeds 0-2) start as mHC, HC,
+    residual, each in seed order: the longest-processing-time-first schedule."""
+    exp = load_experiment(REPO / "experiments" / "divergence.yaml")
+    ordered = workers.longest_first(exp.runs)
+    assert [(r.config.model.connection, r.config.seed) for r in ordered] == [
+        (c, s) for c in ("mhc", "hc", "residual") for s in (0, 1, 2)]
+    # cost follows size: twice the steps or layers, four times for twice d_model
+    cfg = exp.runs[0].config
+    base = workers.estimated_cost(cfg)
+    longer = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": 300})})
+    wider = cfg.model_copy(update={"model": cfg.model.model_copy(update={"d_model": 128})})
+    assert workers.estimated_cost(longer) == pytest.approx(2 * base, rel=0.01)
+    assert workers.estimated_cost(wider) == pytest.approx(4 * base)
+
+
+def test_the_workers_launcher_submits_in_that_order(tmp_path, monkeypatch):
+    """What the pool receives, in order (a stand-in pool records it and fails every run, so
+    the sweep stops with the worker error instead of training)."""
+    submitted = []
+
+    class RecordingPool:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, fn, exp, run, root):
+            submitted.append(run.config.model.connection)
+            future = cf.Future()
+            future.set_exception(RuntimeError("not trained here"))
+            return future
+
+    monkeypatch.setattr(workers.cf, "ProcessPoolExecutor", RecordingPool)
+    exp = load_experiment(write_experiment(tmp_path, {"sweep": {"grid": {"model.connection": ["residual", "hc", "mhc"]}}}))
+    with pytest.raises(workers.WorkerError, match="not trained here"):
+        with launch.open_store(exp, tmp_path / "out") as store:
+            launch.run_sweep(exp, store, workers=2)
+    assert submitted == ["mhc", "hc", "residual"]
 
 
 # -- the launcher section --------------------------------------------------------------------

@@ -6,6 +6,8 @@ each finished run. Workers are spawned processes (a fresh interpreter: no state 
 the parent); each trains one run at a time through `training.runner.execute_run` and writes only that
 run's folder, so files, resume and failures are those of a one-worker sweep. The CPU cores are
 split: every worker uses max(1, cores // workers) torch threads unless train.threads is set.
+Runs start longest first (`longest_first`), so a short run, not a long one, is what trains
+alone at the end of a sweep; the order changes how long a sweep takes, never a result.
 
 Progress travels as messages on one queue: ("started" | "event" | "finished", run_id, payload).
 Ctrl-C reaches the parent (workers ignore SIGINT); it sets a stop flag that every worker checks
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import MhcLabError
+from ..experiment.config import RunConfig
 from ..experiment.loader import Experiment
 from ..experiment.sweep import PlannedRun
 from ..store import ExperimentStore
@@ -35,6 +38,11 @@ from .base import LockedLauncher, Reporter, SweepOutcome, plan
 from .lifeline import InheritedFd, die_with_parent
 
 POLL_S = 0.2  # how long the parent waits for a message before checking its workers
+
+# A connection's step time against the residual's at the headline's shape (BENCHMARKS.md,
+# round 5, idle; the exact variants 1.8-2.0x, mHC with sinkhorn_tol about twice mHC). It only
+# orders runs, so a rough figure serves.
+STEP_COST = {"residual": 1.0, "hc": 1.35, "mhc": 1.65, "mhc_lite": 1.9, "kromhc": 1.9, "ortho": 1.9}
 
 
 class WorkerError(MhcLabError):
@@ -49,6 +57,25 @@ def cpu_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
         return os.cpu_count() or 1
+
+
+def estimated_cost(cfg: RunConfig) -> float:
+    """A run's cost in arbitrary units, for ordering only: the training steps plus the probes'
+    validation passes (a forward pass, about a third of a step, per batch), each costing
+    tokens x layers x d_model^2 (the sublayers' matmuls) times the connection's `STEP_COST`."""
+    m, t, p = cfg.model, cfg.train, cfg.probe
+    factor = STEP_COST.get(m.connection, 2.0)
+    if m.connection == "mhc" and m.sinkhorn_tol is not None:
+        factor *= 2.0
+    steps = t.steps + (t.steps // p.every + 1) * p.val_batches / 3
+    return steps * t.batch_size * t.seq_len * m.layers * m.d_model**2 * factor
+
+
+def longest_first(runs: list[PlannedRun]) -> list[PlannedRun]:
+    """`runs` by `estimated_cost`, largest first; equal costs keep the sweep's order. With N
+    workers this is the longest-processing-time-first schedule: at the headline (9 runs, 2
+    workers) an mHC run no longer trains alone at the end (BENCHMARKS.md, round 6)."""
+    return sorted(runs, key=lambda run: -estimated_cost(run.config))
 
 
 # -- in the worker processes ---------------------------------------------------------------
@@ -102,7 +129,7 @@ class WorkersLauncher(LockedLauncher):
         reporter.sweep_started(runs, done)
         all_ids = [r.run_id for r in exp.runs]
         summaries = {rid: store.run(rid).read_summary() for rid in done}
-        todo = [r for r in runs if r.run_id not in done]
+        todo = longest_first([r for r in runs if r.run_id not in done])
         if todo:
             n_workers = min(self.workers, len(todo))
             ctx = mp.get_context("spawn")
