@@ -303,14 +303,25 @@ class Trainer:
             _, loss, _ = self.forward(x, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        max_norm = t.grad_clip if t.grad_clip is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+        grad_norm = self.gradient_norm(t.grad_clip)
         loss_value = self.loss_value(loss)
         if math.isfinite(loss_value) and math.isfinite(grad_norm):
             self.optimizer.step()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return loss_value, grad_norm, time.perf_counter() - start
+
+    def gradient_norm(self, max_norm: Optional[float]) -> float:
+        """The global L2 norm of the gradients before clipping, and the clip to `max_norm` if
+        set. `clip_grad_norm_` is exactly `get_total_norm` then `clip_grads_with_norm_`; without
+        a clip the second would multiply every gradient by 1.0, a pass over each of HC's and
+        mHC's 900-1000 parameter tensors at the headline (7-8 per layer) that changes no finite
+        gradient, so it is left out (a non-finite norm ends the run before any update)."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if max_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return norm.item()
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Training batch `step` on this process's device (data-parallel ranks take a slice)."""
