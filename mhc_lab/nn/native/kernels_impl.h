@@ -249,6 +249,25 @@ void CAT(mhc_write_backward, SUF)(const T *restrict g, const T *restrict F,
  * normalisations with one division per sum; with `slot` (H1's trace slot), every half-step's
  * matrix is stored to the slots after it. The same operations in the same order as one
  * array pass per step, without the memory traffic. */
+/* One half-step on registers: each of the n lines (columns: line_step 1, entry_step n; rows:
+ * line_step n, entry_step 1) divided by its sum, summed from its first entry on; with `out`,
+ * the result is stored to the next trace slot, whose pointer is returned. */
+INLINE T *CAT(sinkhorn_half, SUF)(VEC *restrict H, T *out, const int64_t sb, const int64_t n,
+                                  const int64_t line_step, const int64_t entry_step)
+{
+    for (int64_t l = 0; l < n; l++) {
+        VEC *line = H + l * line_step;
+        VEC sum = line[0];
+        for (int64_t e = 1; e < n; e++) sum += line[e * entry_step];
+        const VEC r = 1 / sum;
+        for (int64_t e = 0; e < n; e++) line[e * entry_step] *= r;
+    }
+    if (!out) return NULL;
+    out += n * n * SK_BLOCK;
+    for (int64_t k = 0; k < n * n; k++) VSTORE(out + k * SK_BLOCK + sb, H[k]);
+    return out;
+}
+
 INLINE void CAT(sinkhorn_later, SUF)(T *restrict h, T *restrict slot, const int64_t iters,
                                      const int64_t n)
 {
@@ -258,26 +277,8 @@ INLINE void CAT(sinkhorn_later, SUF)(T *restrict h, T *restrict slot, const int6
         for (int64_t k = 0; k < nn; k++) H[k] = VLOAD(h + k * SK_BLOCK + sb);
         T *out = slot;
         for (int64_t t = 1; t < iters; t++) {
-            for (int64_t j = 0; j < n; j++) { /* columns: sums over i */
-                VEC sum = H[j];
-                for (int64_t i = 1; i < n; i++) sum += H[i * n + j];
-                const VEC r = 1 / sum;
-                for (int64_t i = 0; i < n; i++) H[i * n + j] *= r;
-            }
-            if (out) {
-                out += nn * SK_BLOCK;
-                for (int64_t k = 0; k < nn; k++) VSTORE(out + k * SK_BLOCK + sb, H[k]);
-            }
-            for (int64_t i = 0; i < n; i++) { /* rows: sums over j */
-                VEC sum = H[i * n];
-                for (int64_t j = 1; j < n; j++) sum += H[i * n + j];
-                const VEC r = 1 / sum;
-                for (int64_t j = 0; j < n; j++) H[i * n + j] *= r;
-            }
-            if (out) {
-                out += nn * SK_BLOCK;
-                for (int64_t k = 0; k < nn; k++) VSTORE(out + k * SK_BLOCK + sb, H[k]);
-            }
+            out = CAT(sinkhorn_half, SUF)(H, out, sb, n, 1, n); /* columns: sums over i */
+            out = CAT(sinkhorn_half, SUF)(H, out, sb, n, n, 1); /* rows: sums over j */
         }
         for (int64_t k = 0; k < nn; k++) VSTORE(h + k * SK_BLOCK + sb, H[k]);
     }
