@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .fused import HcRead, MhcRead, fused_path_ok
+from .fused import HcRead, MhcRead, fused_path_ok, hc_fold
 from .mixing import Sublayer, _StreamWrite, mix_read, mix_streams, rms_projection
 from .sinkhorn import iterations_needed, sinkhorn_knopp
 
@@ -107,8 +107,7 @@ class HyperConnection(nn.Module):
         if not self.dynamic:
             alpha = alpha.expand(*x.shape[:2], *alpha.shape)  # (B, T, n, 1 + n)
             return alpha, beta.expand(*x.shape[:3])  # (B, T, n)
-        weights = torch.cat([self.dynamic_alpha, self.dynamic_beta.unsqueeze(-1)], dim=-1)
-        weights = self.norm.weight.unsqueeze(-1) * weights  # (C, 2 + n): w * [W_m | W_r | W_beta]
+        _, weights = hc_fold(self.norm.weight, self.dynamic_alpha, self.dynamic_beta)  # (C, n + 2)
         proj = rms_projection(x, weights, self.norm.eps)  # (B, T, n, 2 + n): Hbar @ W
         if self.use_tanh:
             proj = torch.tanh(proj)
@@ -144,8 +143,7 @@ class HyperConnection(nn.Module):
     def _compiled_forward(self, x: torch.Tensor, sublayer: Sublayer) -> tuple[torch.Tensor, torch.Tensor]:
         """`forward` under torch.compile: the same kernel as a custom op (`ops.hc_read`); the
         folding and the write are traced torch ops, which Inductor fuses."""
-        weights = torch.cat([self.dynamic_alpha, self.dynamic_beta.unsqueeze(-1)], dim=-1)
-        weights = self.norm.weight.unsqueeze(-1) * weights  # (C, 2 + n): w * [W_m | W_r | W_beta]
+        _, weights = hc_fold(self.norm.weight, self.dynamic_alpha, self.dynamic_beta)  # (C, n + 2)
         layer_in, mixed, h_post, h_res, _, _ = ops.hc_read(
             x.contiguous(), weights.t().contiguous(), self.static_alpha, self.static_beta, self.gate_alpha,
             self.gate_beta, self.use_tanh, self.norm.eps,

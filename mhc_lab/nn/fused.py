@@ -80,6 +80,15 @@ def hc_param_grads(
     return grad_weight_t, grad_static_alpha, grad_static_beta, grad_gates[0], grad_gates[1]
 
 
+def hc_fold(
+    norm_weight: torch.Tensor, dynamic_alpha: torch.Tensor, dynamic_beta: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """HC's projection with RMSNorm's weight folded in: the dynamic weights [W_m | W_r | W_beta]
+    (C, n + 2) and w * [W_m | W_r | W_beta] (C, n + 2), so that RMSNorm(x) @ W = x @ (w * W) / rms(x)."""
+    dynamic = torch.cat([dynamic_alpha, dynamic_beta.unsqueeze(-1)], dim=-1)  # (C, n + 2)
+    return dynamic, norm_weight.unsqueeze(-1) * dynamic
+
+
 class HcRead(torch.autograd.Function):
     """HC's coefficients and the stream read in one pass over x (native kernels, CPU only):
     the same values as `HyperConnection.alpha_beta` followed by `mixing._StreamRead`, i.e.
@@ -98,8 +107,8 @@ class HcRead(torch.autograd.Function):
     def forward(ctx, x, norm_weight, dynamic_alpha, dynamic_beta, static_alpha, static_beta,  # type: ignore[override]
                 gate_alpha, gate_beta, use_tanh: bool, eps: float):
         x = x.contiguous()  # (..., n, C); the first layer's x is an expanded view
-        dynamic = torch.cat([dynamic_alpha, dynamic_beta.unsqueeze(-1)], dim=-1)  # (C, n + 2)
-        weight_t = (dynamic * norm_weight.unsqueeze(-1)).t().contiguous()  # (n + 2, C): (w * W)^T
+        dynamic, weights = hc_fold(norm_weight, dynamic_alpha, dynamic_beta)
+        weight_t = weights.t().contiguous()  # (n + 2, C): (w * W)^T
         gates = (float(gate_alpha), float(gate_beta))
         static_alpha = static_alpha.contiguous()
         y_in, y_mix, h_post, h_res, p, inv = native.hc_forward(
