@@ -54,7 +54,6 @@ from ..experiment.config import MAX_LITE_STREAMS  # mhc_lite: n! logits per toke
 from .connections import ManifoldHyperConnection
 
 
-
 def initial_diagonal(init_logit: float, n: int) -> float:
     """mHC's initial H_res diagonal e^s / (e^s + n - 1), the target of every variant's bias."""
     return math.exp(init_logit) / (math.exp(init_logit) + n - 1)
@@ -62,7 +61,6 @@ def initial_diagonal(init_logit: float, n: int) -> float:
 
 class MhcLiteConnection(ManifoldHyperConnection):
     """mHC-lite: H_res = sum over the n! permutations P_k of softmax(l)_k P_k (exact)."""
-
 
     def __init__(self, d_model: int, n_streams: int, layer_index: int, init_logit: float = 2.0,
                  eps: float = 1e-6) -> None:
@@ -100,7 +98,6 @@ class MhcLiteConnection(ManifoldHyperConnection):
 
 class KromhcConnection(ManifoldHyperConnection):
     """KromHC: H_res = kron of K = log2(n) factors [[a, 1 - a], [1 - a, a]], a = sigmoid(l)."""
-
 
     def __init__(self, d_model: int, n_streams: int, layer_index: int, init_logit: float = 2.0,
                  eps: float = 1e-6) -> None:
@@ -159,7 +156,6 @@ def cayley_orthostochastic(a: torch.Tensor) -> torch.Tensor:
 
 class OrthostochasticConnection(ManifoldHyperConnection):
     """H_res = Q * Q, Q the Cayley transform of the skew-symmetric matrix of the logits."""
-
 
     def __init__(self, d_model: int, n_streams: int, layer_index: int, init_logit: float = 2.0,
                  eps: float = 1e-6) -> None:
