@@ -3,7 +3,8 @@
 Legend: B = batch, T = tokens (seq_len), n = residual streams, C = d_model.
 
 One "step" is what the training loop does per optimiser step: zero_grad, forward with loss,
-backward, AdamW step. For every d_model all variants are built first, then warmed up, then
+backward, the gradient norm the trainer logs (`nn.model.gradient_norm`, no clip), AdamW
+step. For every d_model all variants are built first, then warmed up, then
 timed *interleaved*: repetition i times one step of every variant, in an order rotated by i,
 so machine noise (other jobs, frequency changes) hits all variants alike. The reported time is
 the median over repetitions; the ratio to residual is the median of the per-repetition ratios
@@ -51,7 +52,7 @@ from torch import nn
 from .nn import native
 from .experiment.config import ModelConfig
 from .errors import MhcLabError
-from .nn.model import LanguageModel, build_model
+from .nn.model import LanguageModel, build_model, gradient_norm
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -230,7 +231,8 @@ def _sync(device: torch.device) -> None:
 def make_step(
     model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], compile: bool = False
 ) -> Callable[[], None]:
-    """One training step of `model` on a fixed batch: zero_grad, forward, backward, AdamW.
+    """One training step of `model` on a fixed batch: zero_grad, forward, backward, the
+    trainer's gradient norm, AdamW.
 
     With `compile`, the forward (and through it the backward) runs through torch.compile; the
     optimiser step stays eager, as in the training loop.
@@ -245,6 +247,7 @@ def make_step(
         opt.zero_grad(set_to_none=True)
         _, loss, _ = forward(idx, targets)
         loss.backward()
+        gradient_norm(params, None)  # logged by the trainer every step (a pass over every gradient)
         opt.step()
 
     return step
@@ -404,7 +407,7 @@ def environment(settings: BenchSettings) -> dict[str, Any]:
         "device": str(device),
         "torch": torch.__version__,
         "threads": settings.threads or torch.get_num_threads(),
-        "time": "median step (zero_grad, forward with loss, backward, AdamW step) over interleaved "
+        "time": "median step (zero_grad, forward with loss, backward, gradient norm, AdamW step) over interleaved "
         "repetitions; ratio = median of per-repetition ratios to residual",
         "peak_mb": PEAK_MEANING.get(device.type, "not measured on this device"),
         "saved_mb": "tensors saved by autograd for backward during the forward (distinct storages)",
@@ -442,7 +445,7 @@ def render_table(rows: list[BenchRow], settings: BenchSettings) -> Table:
         mode += "native kernels, " if env["native_kernels"] else "torch ops only, "
     preset = f"preset {settings.preset}: " if settings.preset else ""
     table = Table(
-        title=f"Step time (fwd + bwd + AdamW), {preset}{mode}depth {settings.depth}, n {settings.n_streams}, "
+        title=f"Step time (fwd + bwd + grad norm + AdamW), {preset}{mode}depth {settings.depth}, n {settings.n_streams}, "
         f"batch {settings.batch} x {settings.seq_len}, {env['device']}, "
         f"{env['threads']} threads, torch {env['torch']}",
         caption=f"median of {settings.steps} interleaved repetitions after {settings.warmup} "

@@ -508,7 +508,7 @@ def bench(
     ] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON (rows and environment) instead of a table.")] = False,
 ) -> None:
-    """Time training steps (forward, backward, AdamW) of residual, HC and mHC models, interleaved.
+    """Time training steps (forward, backward, gradient norm, AdamW) of every connection, interleaved.
 
     Example: mhc-lab bench --preset headline --threads 1 --no-peer
     """

@@ -158,3 +158,25 @@ def test_cli_bench_preset_in_the_record_and_bad_name():
     assert settings["preset"] == "headline" and settings["depth"] == 1 and settings["d_models"] == [16]
     bad = runner.invoke(app, ["bench", "--preset", "nope"])
     assert bad.exit_code != 0 and "--preset nope" in bad.output and "Traceback" not in bad.output
+
+
+def test_a_step_is_the_trainers_step_with_the_logged_gradient_norm(monkeypatch):
+    """The bench's step makes the trainer's gradient-norm call (a pass over every gradient that
+    the trainer makes each step) between the backward and the AdamW step, once per step."""
+    import mhc_lab.bench as bench
+    from mhc_lab.nn import model as nn_model
+
+    calls = []
+
+    def recording_norm(parameters, max_norm):
+        params = list(parameters)
+        calls.append((max_norm, all(p.grad is not None for p in params)))
+        return nn_model.gradient_norm(params, max_norm)
+
+    monkeypatch.setattr(bench, "gradient_norm", recording_norm)
+    model = bench.build_variant("mhc", 16, BenchSettings(**TINY, peer=False, threads=1), torch.device("cpu"))
+    idx = torch.randint(0, 256, (2, 8))
+    step = bench.make_step(model, (idx, idx))
+    step()
+    step()
+    assert calls == [(None, True), (None, True)]  # after the backward: every gradient is there

@@ -5,14 +5,15 @@ L = layers (2 per block: attention, then MLP), H = heads, D = C / H.
 
 Reads top to bottom: the connection of each layer, attention, MLP, pre-norm sublayer, the model. The token embedding is
 copied into all n streams, every layer goes through its connection, the streams are summed,
-then the final RMSNorm and the (tied) unembedding (DESIGN.md section 2).
+then the final RMSNorm and the (tied) unembedding (DESIGN.md section 2). Last, the gradient
+norm that the trainer logs and `mhc-lab bench` times.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -217,3 +218,18 @@ def build_model(cfg: ModelConfig, max_seq_len: int, seed: int) -> LanguageModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return LanguageModel(cfg, max_seq_len)
+
+
+def gradient_norm(parameters: Iterable[nn.Parameter], max_norm: Optional[float]) -> float:
+    """The global L2 norm of the gradients before clipping, and the clip to `max_norm` if set.
+
+    `clip_grad_norm_` is exactly `get_total_norm` then `clip_grads_with_norm_`; without a clip
+    the second would multiply every gradient by 1.0, a pass over each of HC's and mHC's
+    900-1000 parameter tensors at the headline (7-8 per layer) that changes no finite gradient,
+    so it is left out (a non-finite norm ends the run before any update). The trainer logs it
+    every step and `mhc-lab bench` times it in its step."""
+    params = [p for p in parameters if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if max_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm.item()

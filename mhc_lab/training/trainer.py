@@ -33,7 +33,7 @@ from ..experiment.config import RunConfig
 from .data import Corpus, load_corpus, probe_sequence, training_batch, validation_batches
 from ..probe.constraint import constraint_statistics, hres_statistics
 from ..probe.gain import gain_metrics
-from ..nn.model import LanguageModel, build_model
+from ..nn.model import LanguageModel, build_model, gradient_norm
 from .loggers import MetricLogger
 from .schedule import learning_rate
 from ..store import JsonlWriter, RunFiles, atomic_write_bytes, truncate_jsonl
@@ -312,16 +312,8 @@ class Trainer:
         return loss_value, grad_norm, time.perf_counter() - start
 
     def gradient_norm(self, max_norm: Optional[float]) -> float:
-        """The global L2 norm of the gradients before clipping, and the clip to `max_norm` if
-        set. `clip_grad_norm_` is exactly `get_total_norm` then `clip_grads_with_norm_`; without
-        a clip the second would multiply every gradient by 1.0, a pass over each of HC's and
-        mHC's 900-1000 parameter tensors at the headline (7-8 per layer) that changes no finite
-        gradient, so it is left out (a non-finite norm ends the run before any update)."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if max_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-        return norm.item()
+        """`nn.model.gradient_norm` of the model: the logged norm, and the clip if set."""
+        return gradient_norm(self.model.parameters(), max_norm)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Training batch `step` on this process's device (data-parallel ranks take a slice)."""
@@ -459,5 +451,3 @@ def train_run(
     """Train one run into `files` and return its summary (status completed or diverged);
     `logger` mirrors its metrics and probes live (W&B, TensorBoard)."""
     return Trainer(cfg, files, base_dir, progress, logger).run()
-
-
