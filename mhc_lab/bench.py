@@ -136,7 +136,7 @@ class BenchRow:
 
     variant: str  # residual | hc | mhc | mhc_lite | kromhc | ortho | peer-hc | peer-mhc
     d_model: int
-    median_ms: float  # median step time (forward + backward + AdamW step)
+    median_ms: float  # median step time (forward + backward + gradient norm + AdamW step)
     min_ms: float
     ratio: float  # median over repetitions of (this step / residual's step)
     vs_mhc: float  # median over repetitions of (this step / mHC's step)

@@ -162,7 +162,7 @@ def test_cli_bench_preset_in_the_record_and_bad_name():
 
 def test_a_step_is_the_trainers_step_with_the_logged_gradient_norm(monkeypatch):
     """The bench's step makes the trainer's gradient-norm call (a pass over every gradient that
-    the trainer makes each step) between the backward and the AdamW step, once per step."""
+    the trainer makes each step) after the backward and before the AdamW step, once per step."""
     import mhc_lab.bench as bench
     from mhc_lab.nn import model as nn_model
 
@@ -170,13 +170,21 @@ def test_a_step_is_the_trainers_step_with_the_logged_gradient_norm(monkeypatch):
 
     def recording_norm(parameters, max_norm):
         params = list(parameters)
-        calls.append((max_norm, all(p.grad is not None for p in params)))
+        calls.append(("norm", max_norm, all(p.grad is not None for p in params)))
         return nn_model.gradient_norm(params, max_norm)
 
+    adamw_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        calls.append(("adamw",))
+        return adamw_step(self, *args, **kwargs)
+
     monkeypatch.setattr(bench, "gradient_norm", recording_norm)
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
     model = bench.build_variant("mhc", 16, BenchSettings(**TINY, peer=False, threads=1), torch.device("cpu"))
     idx = torch.randint(0, 256, (2, 8))
     step = bench.make_step(model, (idx, idx))
     step()
     step()
-    assert calls == [(None, True), (None, True)]  # after the backward: every gradient is there
+    # after the backward (every gradient is there), before the update
+    assert calls == [("norm", None, True), ("adamw",)] * 2
